@@ -1,0 +1,79 @@
+"""fxoffload: TorchInductor's graph compilation, out of the process that runs the model.
+
+    torch.compile(model, backend="fxoffload")
+    torch.compile(model, backend=fxoffload.backend(mode="subprocess", workers=2))
+    with fxoffload.enabled(mode="serde"): torch.compile(model)
+
+Importing this package starts nothing and imports no torch internals; pools, threads and
+hooks start on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    ConfigError,
+    FxOffloadError,
+    NotOffloadable,
+    PoolClosed,
+    ProtocolError,
+    RemoteCompileError,
+    VersionMismatch,
+    WorkerCrashed,
+    WorkerError,
+    WorkerStartupError,
+    WorkerTimeout,
+)
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .tally import Snapshot
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "FxOffloadError", "NotOffloadable", "PoolClosed", "ProtocolError",
+    "RemoteCompileError", "Settings", "VersionMismatch", "WorkerCrashed", "WorkerError",
+    "WorkerStartupError", "WorkerTimeout", "backend", "enabled", "reset_stats", "shutdown",
+    "stats", "warmup",
+]
+
+
+def backend(settings: Settings | None = None, **kwargs: Any) -> Any:
+    from .integration import backend as _backend
+
+    return _backend(settings, **kwargs)
+
+
+def enabled(settings: Settings | None = None, **kwargs: Any) -> Any:
+    from .integration import enabled as _enabled
+
+    return _enabled(settings, **kwargs)
+
+
+def stats() -> Snapshot:
+    from .tally import STATS
+
+    return STATS.snapshot()
+
+
+def reset_stats() -> None:
+    from .tally import STATS
+
+    STATS.reset()
+
+
+def warmup(settings: Settings | None = None, *, wait: bool = True, **kwargs: Any) -> None:
+    """Start the executor for these settings now (e.g. the worker pool), so that the first
+    compile does not pay for worker start-up."""
+    from .executors import get_executor
+
+    get_executor(settings or Settings.resolve(**kwargs)).warmup(wait=wait)
+
+
+def shutdown(*, wait: bool = True) -> None:
+    """Stop every executor (worker pools) this process started."""
+    from .executors import shutdown_all
+
+    shutdown_all(wait=wait)

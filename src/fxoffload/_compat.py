@@ -1,0 +1,72 @@
+"""Every difference between the torch versions we support (2.11 through 2.13) lives here."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ((2, 11), (2, 13))
+
+
+def torch_version() -> str:
+    return torch.__version__
+
+
+def torch_version_tuple() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def check_supported() -> None:
+    lo, hi = SUPPORTED
+    if not lo <= torch_version_tuple() <= hi:
+        log.warning(
+            "fxoffload supports torch %d.%d through %d.%d; this is torch %s",
+            *lo,
+            *hi,
+            torch.__version__,
+        )
+
+
+def clear_inductor_caches() -> None:
+    """Forget in-memory Inductor caches (needed when the cache dir changes under a worker)."""
+    from torch._inductor import utils
+
+    fn = getattr(utils, "clear_caches", None) or getattr(utils, "clear_inductor_caches", None)
+    if fn is not None:
+        fn()
+
+
+def graph_pickler_options(ops_filter: Any) -> Any:
+    """GraphPickler's Options with our op filter (the field exists on 2.11+)."""
+    from torch.fx._graph_pickler import Options
+
+    return Options(ops_filter=ops_filter)
+
+
+def is_default_config(config: Any, name: str) -> bool:
+    fn = getattr(config, "_is_default", None)
+    if fn is not None:
+        return bool(fn(name))
+    entry = config._config[name]
+    return entry.user_override is getattr(entry, "_UNSET_SENTINEL", object())
+
+
+@contextlib.contextmanager
+def no_save_output_code() -> Iterator[None]:
+    """Keep an in-process 'child' compile from calling the parent's save_output_code hook:
+    the parent replays it from the response, once, in every mode."""
+    from torch._inductor.graph import GraphLowering
+
+    saved = GraphLowering.save_output_code
+    GraphLowering.save_output_code = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        GraphLowering.save_output_code = saved  # type: ignore[assignment]

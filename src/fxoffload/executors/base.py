@@ -1,0 +1,26 @@
+"""The one executor interface: ``submit(request bytes) -> Future[response bytes]``.
+
+An executor moves bytes; it knows nothing of graphs. Its futures fail only with
+``fxoffload.errors.WorkerError`` subclasses (or ``ProtocolError``)."""
+
+from __future__ import annotations
+
+import abc
+from concurrent.futures import Future
+
+
+class Executor(abc.ABC):
+    name: str = "executor"
+
+    @abc.abstractmethod
+    def submit(self, request: bytes) -> Future[bytes]:
+        """Start compiling ``request`` (envelope bytes) and return its future response."""
+
+    def warmup(self, *, wait: bool = False) -> None:
+        """Start whatever the executor needs ahead of the first request."""
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Release workers; pending futures fail with ``PoolClosed``."""
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name}

@@ -1,0 +1,309 @@
+"""``subprocess``: a pool of warm worker processes.
+
+    submit(bytes) ─► job queue ─► slot thread k ─► pipe ─► worker k (fxoffload.worker)
+        ▲                              │                      │
+        └──────── Future[bytes] ◄──────┴────── pipe ◄─────────┘
+
+Each slot owns one worker process and one thread in the parent. The thread starts its
+worker (on first use), waits for READY, then takes jobs from the shared queue, one at a
+time. A worker that dies, hangs past the deadline, or answers with bytes that are not an
+envelope fails *that* job's future with a typed ``WorkerError`` (naming the exit code or
+signal), is killed and reaped, and is replaced before the slot takes its next job.
+If workers keep failing to start, the pool is broken: that error fails every pending and
+later future, so callers fall back instead of waiting.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from .. import wire
+from ..errors import (
+    PoolClosed,
+    ProtocolError,
+    WorkerCrashed,
+    WorkerError,
+    WorkerStartupError,
+    WorkerTimeout,
+)
+from ..settings import Settings
+from ..tally import STATS, Stats
+from .base import Executor
+
+log = logging.getLogger("fxoffload.pool")
+
+MAX_STARTUP_FAILURES = 3
+
+
+@dataclass
+class _Job:
+    request: bytes
+    future: Future[bytes]
+
+
+class _Worker:
+    """One live worker process and the parent's ends of its two pipes."""
+
+    def __init__(self, settings: Settings) -> None:
+        req_r, self.req_w = os.pipe()
+        self.resp_r, resp_w = os.pipe()
+        env = dict(os.environ)
+        env.pop("TORCHINDUCTOR_FX_COMPILE_MODE", None)  # no pool inside the pool
+        env["FXOFFLOAD_PARENT_PID"] = str(os.getpid())
+        env["FXOFFLOAD_WORKER_NICE"] = str(settings.nice)
+        threads = settings.compile_threads or max(1, (os.cpu_count() or 1) // settings.workers)
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fxoffload.worker", str(req_r), str(resp_w)],
+                pass_fds=(req_r, resp_w), stdin=subprocess.DEVNULL, env=env,
+            )
+        except OSError as e:
+            for fd in (req_r, self.req_w, self.resp_r, resp_w):
+                os.close(fd)
+            raise WorkerStartupError(f"could not start a worker: {e}") from e
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(req_r)
+                os.close(resp_w)
+        self.pid = self.proc.pid
+        self.jobs_done = 0
+
+    def wait_ready(self, timeout: float) -> float:
+        try:
+            envelope = wire.read_message(self.resp_r, wire.Deadline(timeout),
+                                         expect=wire.Kind.READY)
+        except wire.StreamTimeout:
+            self.kill()
+            raise WorkerStartupError(
+                f"worker pid {self.pid} did not become ready within {timeout:g} s"
+            ) from None
+        except (wire.StreamClosed, ProtocolError) as e:
+            code = self.kill()
+            raise WorkerStartupError(
+                f"worker pid {self.pid} failed during start-up "
+                f"({WorkerCrashed(self.pid, code, 'during start-up')}); {e}"
+            ) from None
+        return float(pickle.loads(envelope.payload)["startup_s"])
+
+    def run(self, request: bytes, timeout: float) -> bytes:
+        deadline = wire.Deadline(timeout)
+        try:
+            wire.write_all(self.req_w, request, deadline)
+            frame = wire.read_frame(self.resp_r, deadline)
+        except wire.StreamTimeout:
+            self.kill()
+            raise WorkerTimeout(self.pid, timeout, "its compile") from None
+        except wire.StreamClosed:
+            code = self.kill()
+            raise WorkerCrashed(self.pid, code, "while compiling") from None
+        except ProtocolError as e:
+            self.kill()
+            raise _CorruptResponse(f"worker pid {self.pid} sent a corrupted response: {e}"
+                                   ) from None
+        self.jobs_done += 1
+        return frame
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> int | None:
+        """Kill (if needed), reap and close; returns the exit status."""
+        if self.proc.poll() is None:
+            # Give a dying process a moment to report its own exit status first.
+            try:
+                self.proc.wait(0.2)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(signal.SIGKILL)
+        code = self.proc.wait()
+        for fd in (self.req_w, self.resp_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.req_w = self.resp_r = -1
+        return code
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.req_w >= 0 and self.alive():
+            with contextlib.suppress(Exception):
+                wire.write_all(self.req_w, wire.encode(wire.Kind.SHUTDOWN, b""),
+                               wire.Deadline(1.0))
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+
+class _CorruptResponse(WorkerError):
+    reason = "corrupted_response"
+
+
+class WorkerPool(Executor):
+    name = "subprocess"
+
+    def __init__(self, settings: Settings, stats: Stats = STATS) -> None:
+        self.settings = settings
+        self.stats = stats
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._workers: dict[int, _Worker] = {}
+        self._ready = [threading.Event() for _ in range(settings.workers)]
+        self._closed = False
+        self._broken: WorkerError | None = None
+        self._startup_failures = 0
+
+    # -- public -------------------------------------------------------------------
+    def submit(self, request: bytes) -> Future[bytes]:
+        future: Future[bytes] = Future()
+        with self._lock:
+            if self._closed:
+                future.set_exception(PoolClosed("the fxoffload worker pool was shut down"))
+                return future
+            if self._broken is not None:
+                future.set_exception(self._broken)
+                return future
+            self._start_locked()
+            self._jobs.put(_Job(request, future))
+        return future
+
+    def warmup(self, *, wait: bool = False) -> None:
+        with self._lock:
+            if self._closed:
+                raise PoolClosed("the fxoffload worker pool was shut down")
+            self._start_locked()
+        if wait:
+            for event in self._ready:
+                event.wait(self.settings.startup_timeout)
+
+    def worker_pids(self) -> list[int]:
+        with self._lock:
+            return [w.pid for w in self._workers.values() if w.alive()]
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for _ in self._threads:
+                self._jobs.put(None)
+            workers = list(self._workers.values())
+        self._fail_pending(PoolClosed("the fxoffload worker pool was shut down"))
+        for worker in workers:
+            worker.stop(timeout=5.0 if wait else 0.0)
+        if wait:
+            for thread in self._threads:
+                thread.join(10.0)
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "workers": self.settings.workers, "pids": self.worker_pids()}
+
+    # -- internals ----------------------------------------------------------------
+    def _start_locked(self) -> None:
+        if self._threads:
+            return
+        atexit.register(self.shutdown, wait=False)
+        for index in range(self.settings.workers):
+            thread = threading.Thread(target=self._slot, args=(index,), daemon=True,
+                                      name=f"fxoffload-slot-{index}")
+            self._threads.append(thread)
+            thread.start()
+
+    def _fail_pending(self, error: WorkerError) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(error)
+            elif job is None:
+                self._jobs.put(None)  # keep the stop signal for the slot threads
+                return
+
+    def _spawn(self, index: int, replacing: bool) -> _Worker | None:
+        try:
+            worker = _Worker(self.settings)
+            with self._lock:
+                self._workers[index] = worker
+            worker.wait_ready(self.settings.startup_timeout)
+        except WorkerStartupError as e:
+            log.warning("fxoffload: %s", e)
+            self.stats.count_worker_failure(e.reason)
+            with self._lock:
+                self._workers.pop(index, None)
+                self._startup_failures += 1
+                if self._startup_failures >= MAX_STARTUP_FAILURES and self._broken is None:
+                    self._broken = WorkerStartupError(
+                        f"the fxoffload pool is broken: {self._startup_failures} workers "
+                        f"failed to start; last error: {e}")
+                    broken = self._broken
+                else:
+                    broken = None
+            if broken is not None:
+                log.error("%s", broken)
+                self._fail_pending(broken)
+            return None
+        with self._lock:
+            self._startup_failures = 0
+        self.stats.add(worker_starts=1, worker_replacements=1 if replacing else 0)
+        self._ready[index].set()
+        return worker
+
+    def _slot(self, index: int) -> None:
+        worker: _Worker | None = None
+        replacing = False
+        while not self._closed:
+            if worker is None or not worker.alive():
+                if worker is not None:  # died between jobs
+                    code = worker.kill()
+                    self._note_failure(WorkerCrashed(worker.pid, code, "while idle"))
+                    replacing = True
+                worker = self._spawn(index, replacing)
+                if worker is None:
+                    if self._broken is not None:
+                        return
+                    job = self._jobs.get()
+                    if job is None:
+                        return
+                    if job.future.set_running_or_notify_cancel():
+                        job.future.set_exception(WorkerStartupError(
+                            "no fxoffload worker could be started for this compile"))
+                    time.sleep(0.5)
+                    continue
+            job = self._jobs.get()
+            if job is None or self._closed:
+                if job is not None and job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(PoolClosed("the fxoffload pool was shut down"))
+                break
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            try:
+                job.future.set_result(worker.run(job.request, self.settings.timeout))
+            except WorkerError as e:
+                self._note_failure(e)
+                job.future.set_exception(e)
+                worker, replacing = None, True
+            except BaseException as e:  # noqa: BLE001 - never leave a future pending
+                job.future.set_exception(WorkerError(f"unexpected pool failure: {e!r}"))
+                worker.kill()
+                worker, replacing = None, True
+        if worker is not None:
+            worker.stop()
+
+    def _note_failure(self, error: WorkerError) -> None:
+        self.stats.count_worker_failure(error.reason)
+        log.warning("fxoffload: %s; replacing the worker", error)

@@ -1,0 +1,119 @@
+"""The torch integration.
+
+Inductor's ``_compile_fx_inner`` looks up the FX graph cache and calls the module-level
+``fx_codegen_and_compile`` only on a miss; then it fills the cache. That call is our
+boundary: on first use we replace the module attribute with ``_hook``, which offloads
+when an fxoffload compile is active and otherwise calls the original, untouched. So a
+cache hit never reaches a worker, and a worker's compile fills the parent's caches as a
+stock compile would.
+
+"Active" means either:
+- inside the ``inner_compile`` that ``backend()`` hands to ``compile_fx`` (a context
+  variable, so it covers exactly our compiles, including the backward that AOTAutograd
+  compiles lazily through the same ``inner_compile``); or
+- inside ``with fxoffload.enabled(...)``, which makes stock ``torch.compile`` offload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .settings import Settings
+
+_active: contextvars.ContextVar[Settings | None] = contextvars.ContextVar(
+    "fxoffload_active", default=None)
+_enabled_stack: list[Settings] = []
+_install_lock = threading.Lock()
+_original: Callable[..., Any] | None = None
+
+
+def install() -> None:
+    """Put ``_hook`` in place of Inductor's ``fx_codegen_and_compile`` (idempotent)."""
+    global _original
+    with _install_lock:
+        if _original is not None:
+            return
+        from torch._inductor import compile_fx
+
+        from ._compat import check_supported
+
+        check_supported()
+        _original = compile_fx.fx_codegen_and_compile
+        compile_fx.fx_codegen_and_compile = _hook
+
+
+def _hook(gm: Any, example_inputs: Any, inputs_to_check: Any,
+          compile_region_name: str | None = None, **graph_kwargs: Any) -> Any:
+    assert _original is not None
+    settings = _active.get() or (_enabled_stack[-1] if _enabled_stack else None)
+    if settings is None or settings.base_mode == "inprocess":
+        return _original(gm, example_inputs, inputs_to_check,
+                         compile_region_name=compile_region_name, **graph_kwargs)
+    from . import offload
+
+    return offload.compile(settings, gm, example_inputs, inputs_to_check, graph_kwargs,
+                           compile_region_name)
+
+
+def _with_settings(settings: Settings, inner: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(inner)
+    def inner_compile(*args: Any, **kwargs: Any) -> Any:
+        token = _active.set(settings)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            _active.reset(token)
+
+    return inner_compile
+
+
+def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., Any]:
+    """A ``torch.compile`` backend that compiles with Inductor across fxoffload's boundary.
+
+    ``fxoffload.backend(mode="subprocess", workers=2)``; keywords override ``FXOFFLOAD_*``
+    variables. Invalid values raise ``ConfigError`` here, not at the first compile."""
+    if settings is None:
+        settings = Settings.resolve(**kwargs)
+    elif kwargs:
+        raise TypeError("pass either a Settings object or keywords, not both")
+    resolved = settings
+
+    def fxoffload_backend(gm: Any, example_inputs: Any, **options: Any) -> Any:
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+        install()
+        return compile_fx(gm, example_inputs,
+                          inner_compile=_with_settings(resolved, compile_fx_inner), **options)
+
+    fxoffload_backend.settings = resolved  # type: ignore[attr-defined]
+    return fxoffload_backend
+
+
+def fxoffload_backend(gm: Any, example_inputs: Any, **options: Any) -> Any:
+    """The ``backend="fxoffload"`` entry point: settings from the environment, read at
+    the first compile."""
+    return _env_backend()(gm, example_inputs, **options)
+
+
+@functools.cache
+def _env_backend() -> Callable[..., Any]:
+    return backend()
+
+
+@contextlib.contextmanager
+def enabled(settings: Settings | None = None, **kwargs: Any) -> Iterator[Settings]:
+    """Make stock ``torch.compile(model)`` (backend "inductor") offload inside the block;
+    stock behaviour returns on exit."""
+    if settings is None:
+        settings = Settings.resolve(**kwargs)
+    install()
+    _enabled_stack.append(settings)
+    try:
+        yield settings
+    finally:
+        _enabled_stack.remove(settings)

@@ -1,0 +1,163 @@
+"""The parent's side of one compile: build the request, hand it to an executor, turn the
+response back into the ``OutputCode`` Inductor expects, and replay what the child saw.
+
+    compile_fx_inner (cache miss) ─► compile() ─► capture_state + encode_request
+        ─► executor.submit ─► decode_response ─► after_deserialization ─► replay
+           (metrics, counters, save_output_code, warnings, log records, boxes)
+
+Anything that cannot cross, or fails on the other side, is compiled in-process instead
+(``on_failure="fallback"``, the default) and counted under a named reason, with one
+WARNING per reason; ``on_failure="raise"`` raises the typed error instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import protocol
+from .errors import FxOffloadError, NotOffloadable, ProtocolError, RemoteCompileError
+from .executors import get_executor
+from .settings import Settings
+from .state import capture_state
+from .tally import STATS
+
+log = logging.getLogger("fxoffload")
+
+
+def current_fake_mode(example_inputs: Sequence[Any]) -> Any:
+    context = torch._guards.TracingContext.try_get()
+    if context is not None and context.fake_mode is not None:
+        return context.fake_mode
+    mode = torch._guards.detect_fake_mode(example_inputs)
+    if mode is not None:
+        return mode
+    from torch._subclasses import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return FakeTensorMode(shape_env=ShapeEnv())
+
+
+def check_offloadable(gm: torch.fx.GraphModule) -> None:
+    from torch._higher_order_ops.triton_kernel_wrap import (
+        triton_kernel_wrapper_functional,
+        triton_kernel_wrapper_mutation,
+    )
+
+    wrappers = (triton_kernel_wrapper_functional, triton_kernel_wrapper_mutation)
+    for module in gm.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                if node.target in wrappers:
+                    raise NotOffloadable(
+                        "user_triton_kernel",
+                        "the graph calls a user-defined Triton kernel, which lives in a "
+                        "process-local side table",
+                    )
+
+
+def in_process(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+               inputs_to_check: Sequence[int], graph_kwargs: dict[str, Any],
+               compile_region_name: str | None) -> Any:
+    from torch._inductor.compile_fx import _InProcessFxCompile
+
+    scheme = _InProcessFxCompile()
+    scheme.compile_region_name = compile_region_name
+    return scheme.codegen_and_compile(gm, example_inputs, inputs_to_check, graph_kwargs)
+
+
+def fall_back(reason: str, error: BaseException, *args: Any) -> Any:
+    if STATS.count_fallback(reason) == 1:
+        log.warning("fxoffload: compiling in-process instead (%s): %s", reason, error)
+    else:
+        log.debug("fxoffload: compiling in-process instead (%s): %s", reason, error)
+    return in_process(*args)
+
+
+def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+            inputs_to_check: Sequence[int], graph_kwargs: dict[str, Any],
+            compile_region_name: str | None) -> Any:
+    args = (gm, example_inputs, inputs_to_check, graph_kwargs, compile_region_name)
+    fake_mode = current_fake_mode(example_inputs)
+    t0 = time.perf_counter()
+    try:
+        check_offloadable(gm)
+        request = protocol.CompileRequest(
+            gm=gm, example_inputs=list(example_inputs), inputs_to_check=list(inputs_to_check),
+            graph_kwargs=dict(graph_kwargs),
+            tracing_context=torch._guards.TracingContext.try_get(),
+            compile_region_name=compile_region_name, state=capture_state(fake_mode),
+        )
+        data = protocol.encode_request(request, extra_imports=settings.worker_imports)
+    except NotOffloadable as e:
+        if settings.on_failure == "raise":
+            raise
+        return fall_back(e.reason, e, *args)
+    t1 = time.perf_counter()
+
+    try:
+        raw = get_executor(settings).submit(data).result()
+        t2 = time.perf_counter()
+        response = protocol.decode_response(raw, fake_mode)
+    except FxOffloadError as e:
+        if settings.on_failure == "raise":
+            raise
+        reason = getattr(e, "reason", None) or (
+            "corrupted_response" if isinstance(e, ProtocolError) else type(e).__name__)
+        return fall_back(reason, e, *args)
+    t3 = time.perf_counter()
+
+    foreign = response.pid != os.getpid()
+    replay(response, foreign=foreign)
+    if response.error is not None:
+        reason, summary, tb = response.error
+        error = RemoteCompileError(summary, tb)
+        if settings.on_failure == "raise":
+            raise error
+        return fall_back(reason, error, *args)
+
+    from torch._inductor.output_code import CompiledFxGraph, CompiledFxGraphConstantsWithGm
+
+    graph = response.graph
+    if isinstance(graph, CompiledFxGraph):
+        graph.after_deserialization(CompiledFxGraphConstantsWithGm(gm))
+        graph.compile_region_name = compile_region_name
+    for key, value in response.boxes.items():
+        box = graph_kwargs.get(key)
+        if box is not None and hasattr(box, "value"):
+            box.value = value
+    t4 = time.perf_counter()
+    STATS.add(graphs_offloaded=1, bytes_sent=len(data), bytes_received=len(raw),
+              serialize_s=t1 - t0, compile_s=response.compile_s,
+              transfer_s=max(0.0, (t2 - t1) - response.compile_s),
+              deserialize_s=(t3 - t2) + (t4 - t3))
+    return graph
+
+
+def replay(response: protocol.CompileResponse, *, foreign: bool) -> None:
+    """Make the parent look as if it had compiled: metrics, counters, output code hooks,
+    warnings and log records. Metrics and counters moved already when the compile ran
+    in this very process (``serde``/``capture``)."""
+    from torch._inductor.graph import GraphLowering
+    from torch._inductor.metrics import CachedMetricsHelper
+
+    if foreign:
+        CachedMetricsHelper.apply_deltas(response.metrics)
+        from torch._dynamo.utils import counters
+
+        for group, values in response.counters.items():
+            for key, value in values.items():
+                counters[group][key] += value
+    source = getattr(response.graph, "source_code", None)
+    if source is not None and GraphLowering.save_output_code is not None:
+        GraphLowering.save_output_code(source)
+    for category, message, filename, lineno in response.warnings:
+        warnings.warn_explicit(message, category, filename, lineno)
+    for record in response.logs:
+        logging.getLogger(record.name).handle(record)

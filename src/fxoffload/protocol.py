@@ -1,0 +1,151 @@
+"""The messages: what a compile request and its response hold, and how each is turned
+into envelope bytes (see ``wire``) and back.
+
+A request's payload is a plain pickle of ``(Preamble, body)``. The preamble holds only
+builtin types, so the worker can read it, import what it names and set its cache dirs
+before it unpickles the body (a GraphPickler stream: graph, fake inputs, ShapeEnv, …).
+A response's payload is a GraphPickler stream of ``CompileResponse``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import sys
+import time
+import uuid
+from typing import Any
+
+import torch
+
+from . import pickling, wire
+from .errors import NotOffloadable, ProtocolError
+from .state import CapturedState
+
+
+@dataclasses.dataclass
+class Preamble:
+    request_id: str
+    created: float
+    torch_version: str
+    sys_path: list[str]
+    imports: list[str]
+    custom_ops: list[str]
+    cache_dir: str | None
+    triton_cache_dir: str | None
+    summary: dict[str, Any]
+
+
+@dataclasses.dataclass
+class CompileRequest:
+    gm: torch.fx.GraphModule
+    example_inputs: list[Any]
+    inputs_to_check: list[int]
+    graph_kwargs: dict[str, Any]
+    tracing_context: Any
+    compile_region_name: str | None
+    state: CapturedState
+
+
+@dataclasses.dataclass
+class CompileResponse:
+    graph: Any  # OutputCode, prepared for serialization; None when ``error`` is set
+    error: tuple[str, str, str] | None  # (reason, summary, traceback)
+    metrics: Any  # CachedMetricsDeltas
+    counters: dict[str, dict[str, int]]
+    logs: list[logging.LogRecord]
+    warnings: list[tuple[Any, str, str, int]]
+    shape_env: Any
+    boxes: dict[str, Any]  # values of graph_kwargs' mutable boxes after the compile
+    pid: int
+    compile_s: float
+
+
+def _cache_dirs() -> tuple[str | None, str | None]:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        inductor = cache_dir()
+    except Exception:  # noqa: BLE001
+        inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return inductor, os.environ.get("TRITON_CACHE_DIR")
+
+
+def summarize(gm: torch.fx.GraphModule, example_inputs: list[Any],
+              graph_kwargs: dict[str, Any]) -> dict[str, Any]:
+    devices = sorted({str(t.device) for t in example_inputs if isinstance(t, torch.Tensor)})
+    return {
+        "nodes": len(gm.graph.nodes),
+        "inputs": len(example_inputs),
+        "devices": devices,
+        "is_backward": bool(graph_kwargs.get("is_backward", False)),
+        "is_inference": bool(graph_kwargs.get("is_inference", False)),
+    }
+
+
+def encode_request(request: CompileRequest, *, extra_imports: tuple[str, ...] = ()) -> bytes:
+    recorder = pickling.OpRecorder()
+    body = pickling.dumps(request, recorder)
+    inductor_dir, triton_dir = _cache_dirs()
+    preamble = Preamble(
+        request_id=uuid.uuid4().hex[:12],
+        created=time.time(),
+        torch_version=torch.__version__,
+        sys_path=[p for p in sys.path if isinstance(p, str)],
+        imports=sorted(recorder.modules | set(extra_imports)),
+        custom_ops=sorted(recorder.custom_ops),
+        cache_dir=inductor_dir,
+        triton_cache_dir=triton_dir,
+        summary=summarize(request.gm, list(request.example_inputs), request.graph_kwargs),
+    )
+    payload = pickling.plain_dumps((dataclasses.asdict(preamble), body))
+    return wire.encode(wire.Kind.REQUEST, payload)
+
+
+def split_request(data: bytes, *, check_torch: bool = True) -> tuple[Preamble, bytes]:
+    """Validate the envelope and read the preamble; the body stays opaque bytes."""
+    envelope = wire.decode(data, expect=wire.Kind.REQUEST, check_torch=check_torch)
+    try:
+        raw, body = pickle.loads(envelope.payload)
+        return Preamble(**raw), body
+    except Exception as e:  # noqa: BLE001 - any failure here means foreign bytes
+        raise ProtocolError(f"request preamble is unreadable: {type(e).__name__}: {e}") from None
+
+
+def decode_request_body(body: bytes, fake_mode: Any) -> CompileRequest:
+    request = pickling.loads(body, fake_mode)
+    if not isinstance(request, CompileRequest):
+        raise ProtocolError(f"request body holds a {type(request).__name__}")
+    return request
+
+
+def encode_response(response: CompileResponse) -> bytes:
+    from torch._inductor.output_code import CompiledFxGraph
+
+    if isinstance(response.graph, CompiledFxGraph):
+        response.graph.prepare_for_serialization()
+    try:
+        body = pickling.dumps(response, pickling.OpRecorder())
+    except NotOffloadable as e:
+        # The compile succeeded but its result cannot travel: report that, not a crash.
+        failed = dataclasses.replace(
+            response, graph=None, shape_env=None, logs=[], warnings=[],
+            error=("unpicklable_result", f"compiled graph cannot be pickled: {e}", ""),
+        )
+        body = pickling.dumps(failed, pickling.OpRecorder())
+    return wire.encode(wire.Kind.RESPONSE, body)
+
+
+def decode_response(data: bytes, fake_mode: Any) -> CompileResponse:
+    envelope = wire.decode(data, expect=wire.Kind.RESPONSE)
+    try:
+        response = pickling.loads(envelope.payload, fake_mode)
+    except Exception as e:
+        raise ProtocolError(
+            f"response could not be unpickled: {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(response, CompileResponse):
+        raise ProtocolError(f"response body holds a {type(response).__name__}")
+    return response

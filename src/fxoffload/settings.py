@@ -1,0 +1,153 @@
+"""Configuration: one keyword-only, frozen ``Settings`` object, built from keyword
+arguments first and ``FXOFFLOAD_*`` environment variables second. Nothing is read at
+import; ``Settings.resolve`` runs on first use."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+BASE_MODES = ("inprocess", "serde", "capture", "subprocess")
+# Async and progressive wrap an out-of-process mode (see async_output); listed here so a
+# user learns about them from the error message.
+MODE_PREFIXES = ("async+", "progressive+")
+ON_FAILURE = ("fallback", "raise")
+
+
+def _default_workers() -> int:
+    # One compile per core is what a 2-core machine sustains; Inductor's own
+    # compile threads inside each worker are sized from this too.
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    mode: str = "subprocess"
+    workers: int = dataclasses.field(default_factory=_default_workers)
+    timeout: float = 900.0
+    startup_timeout: float = 300.0
+    capture_dir: Path | None = None
+    on_failure: str = "fallback"
+    worker_imports: tuple[str, ...] = ()
+    compile_threads: int | None = None
+    nice: int = 0
+
+    @property
+    def base_mode(self) -> str:
+        mode = self.mode
+        for prefix in MODE_PREFIXES:
+            mode = mode.removeprefix(prefix)
+        return mode
+
+    @property
+    def pool_key(self) -> tuple[Any, ...]:
+        """Compiles whose settings share this key share one executor."""
+        return (self.base_mode, self.workers, self.compile_threads, self.nice,
+                self.worker_imports, self.startup_timeout)
+
+    @classmethod
+    def resolve(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> Settings:
+        """Keyword arguments win over the environment; unknown keywords are errors."""
+        env = os.environ if env is None else env
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(kwargs) - fields
+        if unknown:
+            raise ConfigError(
+                f"unknown fxoffload setting(s) {sorted(unknown)}; known: {sorted(fields)}"
+            )
+        values: dict[str, Any] = {}
+        for name, (var, parse) in _ENV.items():
+            if name in kwargs and kwargs[name] is not None:
+                values[name] = parse(kwargs[name], name)
+            elif var in env and env[var] != "":
+                values[name] = parse(env[var], var)
+        settings = cls(**values)
+        if settings.mode == "capture" and settings.capture_dir is None:
+            settings = dataclasses.replace(settings, capture_dir=Path("fxoffload-capture"))
+        return settings
+
+
+def _mode(value: Any, where: str) -> str:
+    text = str(value).strip().lower()
+    base = text
+    for prefix in MODE_PREFIXES:
+        base = base.removeprefix(prefix)
+    if base not in BASE_MODES:
+        raise ConfigError(
+            f"{where}={value!r} is not a mode; allowed: {', '.join(BASE_MODES)} "
+            f"(optionally prefixed by {' or '.join(MODE_PREFIXES)})"
+        )
+    if base != text:
+        raise ConfigError(
+            f"{where}={value!r}: async and progressive modes are not available in this "
+            f"release; allowed: {', '.join(BASE_MODES)}"
+        )
+    return text
+
+
+def _positive_int(value: Any, where: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or isinstance(value, bool):
+        raise ConfigError(f"{where}={value!r} must be a positive integer")
+    return number
+
+
+def _int(value: Any, where: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}={value!r} must be an integer") from None
+
+
+def _seconds(value: Any, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not number > 0:
+        raise ConfigError(f"{where}={value!r} must be a positive number of seconds")
+    return number
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def parse(value: Any, where: str) -> str:
+        text = str(value).strip().lower()
+        if text not in allowed:
+            raise ConfigError(f"{where}={value!r}; allowed: {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+def _path(value: Any, where: str) -> Path:
+    return Path(value).expanduser()
+
+
+def _modules(value: Any, where: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = tuple(str(v).strip() for v in items if str(v).strip())
+    for name in names:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError(f"{where}: {name!r} is not a module name")
+    return names
+
+
+_ENV: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
+    "mode": ("FXOFFLOAD_MODE", _mode),
+    "workers": ("FXOFFLOAD_WORKERS", _positive_int),
+    "timeout": ("FXOFFLOAD_TIMEOUT", _seconds),
+    "startup_timeout": ("FXOFFLOAD_STARTUP_TIMEOUT", _seconds),
+    "capture_dir": ("FXOFFLOAD_CAPTURE_DIR", _path),
+    "on_failure": ("FXOFFLOAD_ON_FAILURE", _choice(ON_FAILURE)),
+    "worker_imports": ("FXOFFLOAD_WORKER_IMPORTS", _modules),
+    "compile_threads": ("FXOFFLOAD_COMPILE_THREADS", _positive_int),
+    "nice": ("FXOFFLOAD_NICE", _int),
+}

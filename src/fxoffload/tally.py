@@ -1,0 +1,91 @@
+"""Counters for what fxoffload did, kept on one ``Stats`` instance per process.
+
+``fxoffload.stats()`` returns an immutable ``Snapshot``; ``fxoffload.reset_stats()``
+starts over. Times are wall-clock seconds summed over compiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import Counter
+from types import MappingProxyType
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    graphs_offloaded: int
+    fallbacks: MappingProxyType[str, int]
+    bytes_sent: int
+    bytes_received: int
+    serialize_s: float
+    transfer_s: float
+    compile_s: float
+    deserialize_s: float
+    worker_starts: int
+    worker_replacements: int
+    worker_failures: MappingProxyType[str, int]
+
+    @property
+    def fallback_count(self) -> int:
+        return sum(self.fallbacks.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["fallbacks"] = dict(self.fallbacks)
+        d["worker_failures"] = dict(self.worker_failures)
+        return d
+
+
+class Stats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with getattr(self, "_lock", threading.Lock()):
+            self.graphs_offloaded = 0
+            self.fallbacks: Counter[str] = Counter()
+            self.bytes_sent = 0
+            self.bytes_received = 0
+            self.serialize_s = 0.0
+            self.transfer_s = 0.0
+            self.compile_s = 0.0
+            self.deserialize_s = 0.0
+            self.worker_starts = 0
+            self.worker_replacements = 0
+            self.worker_failures: Counter[str] = Counter()
+
+    def add(self, **amounts: float) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
+    def count_fallback(self, reason: str) -> int:
+        """Returns how many times this reason has now been seen (1 means: first time)."""
+        with self._lock:
+            self.fallbacks[reason] += 1
+            return self.fallbacks[reason]
+
+    def count_worker_failure(self, reason: str) -> None:
+        with self._lock:
+            self.worker_failures[reason] += 1
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return Snapshot(
+                graphs_offloaded=self.graphs_offloaded,
+                fallbacks=MappingProxyType(dict(self.fallbacks)),
+                bytes_sent=self.bytes_sent,
+                bytes_received=self.bytes_received,
+                serialize_s=self.serialize_s,
+                transfer_s=self.transfer_s,
+                compile_s=self.compile_s,
+                deserialize_s=self.deserialize_s,
+                worker_starts=self.worker_starts,
+                worker_replacements=self.worker_replacements,
+                worker_failures=MappingProxyType(dict(self.worker_failures)),
+            )
+
+
+STATS = Stats()
