@@ -1,0 +1,50 @@
+"""Shared set-up: a private Inductor cache dir, caches off by default, one warm pool."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fxoffload-tests-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fxoffload  # noqa: E402
+
+MODES = ("serde", "capture", "subprocess")
+POOL = {"workers": 1}  # one settings key, so every subprocess test shares one warm pool
+
+
+def settings_for(mode: str, tmp_path: object = None, **extra: object) -> dict[str, object]:
+    kw: dict[str, object] = {"mode": mode, **extra}
+    if mode == "subprocess":
+        kw.update(POOL)
+    if mode == "capture":
+        kw["capture_dir"] = tmp_path
+    return kw
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_state():
+    torch._dynamo.reset()
+    fxoffload.reset_stats()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_pools():
+    yield
+    fxoffload.shutdown()
+
+
+_COUNTERS = re.compile(r"# AOT ID: \['\d+_")
+
+
+def normalize_code(code: str) -> str:
+    """Generated code up to per-process counters (AOT graph ids)."""
+    return _COUNTERS.sub("# AOT ID: ['N_", code)
