@@ -102,7 +102,7 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
     t1 = time.perf_counter()
 
     try:
-        raw = get_executor(settings).submit(data).result()
+        raw = get_executor(settings).submit(data, timeout=settings.timeout).result()
         t2 = time.perf_counter()
         response = protocol.decode_response(raw, fake_mode)
     except FxOffloadError as e:

@@ -13,8 +13,9 @@ class Executor(abc.ABC):
     name: str = "executor"
 
     @abc.abstractmethod
-    def submit(self, request: bytes) -> Future[bytes]:
-        """Start compiling ``request`` (envelope bytes) and return its future response."""
+    def submit(self, request: bytes, *, timeout: float | None = None) -> Future[bytes]:
+        """Start compiling ``request`` (envelope bytes) and return its future response.
+        ``timeout`` bounds the compile where the executor can enforce it."""
 
     def warmup(self, *, wait: bool = False) -> None:
         """Start whatever the executor needs ahead of the first request."""

@@ -30,7 +30,7 @@ class CaptureExecutor(Executor):
         os.replace(tmp, path)
         self.written.append(path)
 
-    def submit(self, request: bytes) -> Future[bytes]:
+    def submit(self, request: bytes, *, timeout: float | None = None) -> Future[bytes]:
         preamble, _ = split_request(request)
         stem = f"{os.getpid()}-{next(self._seq):04d}-{preamble.request_id}"
         self._write(self.directory / f"{stem}.request.fxo", request)

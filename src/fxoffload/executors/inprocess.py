@@ -11,7 +11,7 @@ from .base import Executor
 class InProcessExecutor(Executor):
     name = "serde"
 
-    def submit(self, request: bytes) -> Future[bytes]:
+    def submit(self, request: bytes, *, timeout: float | None = None) -> Future[bytes]:
         future: Future[bytes] = Future()
         try:
             future.set_result(compile_request(request, in_parent=True))

@@ -51,6 +51,7 @@ MAX_STARTUP_FAILURES = 3
 class _Job:
     request: bytes
     future: Future[bytes]
+    timeout: float
 
 
 class _Worker:
@@ -167,7 +168,7 @@ class WorkerPool(Executor):
         self._startup_failures = 0
 
     # -- public -------------------------------------------------------------------
-    def submit(self, request: bytes) -> Future[bytes]:
+    def submit(self, request: bytes, *, timeout: float | None = None) -> Future[bytes]:
         future: Future[bytes] = Future()
         with self._lock:
             if self._closed:
@@ -177,7 +178,7 @@ class WorkerPool(Executor):
                 future.set_exception(self._broken)
                 return future
             self._start_locked()
-            self._jobs.put(_Job(request, future))
+            self._jobs.put(_Job(request, future, timeout or self.settings.timeout))
         return future
 
     def warmup(self, *, wait: bool = False) -> None:
@@ -292,7 +293,7 @@ class WorkerPool(Executor):
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                job.future.set_result(worker.run(job.request, self.settings.timeout))
+                job.future.set_result(worker.run(job.request, job.timeout))
             except WorkerError as e:
                 self._note_failure(e)
                 job.future.set_exception(e)

@@ -1,0 +1,304 @@
+"""The ``fxoffload`` command line.
+
+    fxoffload replay FILE.request.fxo [--quiet]   recompile a captured request here
+    fxoffload inspect FILE.fxo                    show what a captured file holds
+    fxoffload demo [--model gpt2|block] [--mode subprocess|serde] [--workers N]
+
+Exit codes: 0 success, 1 the compile (or the demo) failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import FxOffloadError
+
+_RESULT_MARK = "FXOFFLOAD-DEMO-RESULT "
+
+
+def _fail(message: str) -> int:
+    print(f"fxoffload: error: {message}", file=sys.stderr)
+    return 2
+
+
+# --- replay / inspect -----------------------------------------------------------------
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from . import inspection, protocol
+
+    try:
+        data = inspection.read_bytes(args.file)
+        preamble, _ = protocol.split_request(data)
+    except (inspection.BadInput, FxOffloadError) as e:
+        return _fail(str(e))
+    from .child import compile_request
+
+    try:
+        response = inspection.load_response(compile_request(data))
+    except FxOffloadError as e:
+        print(f"fxoffload: replay produced no readable response: {e}", file=sys.stderr)
+        return 1
+    for record in response.logs:
+        print(inspection.format_record(record))
+    for warning in response.warnings:
+        print("warning: " + inspection.format_warning(warning))
+    s = preamble.summary
+    kind = "backward" if s.get("is_backward") else (
+        "inference" if s.get("is_inference") else "forward")
+    source = getattr(response.graph, "source_code", None)
+    print(f"== replay of {args.file} ==")
+    print(f"request id:    {preamble.request_id}")
+    print(f"torch:         {preamble.torch_version}")
+    print(f"graph:         {s.get('nodes')} nodes, {s.get('inputs')} inputs, "
+          f"devices {', '.join(s.get('devices', [])) or '-'} ({kind})")
+    print(f"compile:       {response.compile_s:.2f} s")
+    print(f"kernels:       {getattr(response.metrics, 'generated_kernel_count', '?')} "
+          "generated (generated_kernel_count delta)")
+    print(f"source code:   {len(source) if source is not None else 0} chars")
+    if response.error is not None:
+        reason, summary, tb = response.error
+        print(f"result:        FAILED ({reason}): {summary}")
+        if tb and not args.quiet:
+            print(tb.rstrip())
+        return 1
+    print("result:        ok")
+    sibling = Path(str(args.file).removesuffix(".request.fxo") + ".response.fxo")
+    if str(args.file).endswith(".request.fxo") and sibling.is_file():
+        _compare_with_capture(sibling, source or "", args.quiet)
+    return 0
+
+
+def _compare_with_capture(path: Path, source: str, quiet: bool) -> None:
+    from . import inspection
+
+    try:
+        captured = inspection.load_response(inspection.read_bytes(path))
+    except (inspection.BadInput, FxOffloadError) as e:
+        print(f"matches capture: unknown ({path.name} unreadable: {e})")
+        return
+    old = getattr(captured.graph, "source_code", None)
+    if old is None:
+        print(f"matches capture: unknown (the captured response holds no code: "
+              f"{captured.error and captured.error[0]})")
+        return
+    diff = inspection.compare_sources(old, source)
+    if not diff:
+        print("matches capture: yes (same code after normalizing paths and hashes)")
+        return
+    print(f"matches capture: NO ({path.name} differs after normalizing paths and hashes)")
+    if not quiet:
+        print("\n".join(diff[:60] + (["..."] if len(diff) > 60 else [])))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import inspection
+
+    try:
+        lines = inspection.file_lines(inspection.read_bytes(args.file))
+    except (inspection.BadInput, FxOffloadError) as e:
+        return _fail(str(e))
+    print("\n".join(lines))
+    return 0
+
+
+# --- demo ---------------------------------------------------------------------------
+
+def _build_model(name: str) -> tuple[Any, dict[str, Any]]:
+    """Random-weight models, the same in every process (seeded)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    batch, seq, dim, vocab = 2, 32, 64, 128
+    if name == "gpt2":
+        import transformers
+
+        cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=dim,
+                                      n_layer=2, n_head=4)
+        model = transformers.GPT2LMHeadModel(cfg)
+        model.config.use_cache = False
+        ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+        return model.eval(), {"input_ids": ids}
+
+    class Block(nn.Module):
+        """A pre-norm causal transformer block: attention, MLP, residuals."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, d = x.shape
+            q, k, v = (z.view(b, t, 4, d // 4).transpose(1, 2)
+                       for z in self.qkv(self.ln1(x)).split(d, dim=-1))
+            att = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+            return x + self.mlp(self.ln2(x))
+
+    model = Block().eval()
+    return model, {"x": torch.randn(batch, seq, dim, generator=torch.Generator().manual_seed(1))}
+
+
+def _demo_child(args: argparse.Namespace) -> int:
+    """One measured run in this (fresh) process; prints one JSON result line."""
+    import torch
+
+    model, inputs = _build_model(args.model)
+    result: dict[str, Any] = {"variant": args._child, "model": args.model}
+    with torch.no_grad():
+        model(**inputs)
+        t = time.perf_counter()
+        model(**inputs)
+        eager_s = time.perf_counter() - t
+        if args._child == "fxoffload":
+            import fxoffload
+
+            t = time.perf_counter()
+            fxoffload.warmup(mode=args.mode, workers=args.workers)
+            result["warmup_s"] = time.perf_counter() - t
+            backend: Any = fxoffload.backend(mode=args.mode, workers=args.workers)
+        else:
+            backend = "inductor"
+        compiled = torch.compile(model, backend=backend)
+        t = time.perf_counter()
+        out = compiled(**inputs)
+        first_s = time.perf_counter() - t
+    out = getattr(out, "logits", out).detach().cpu()
+    torch.save(out, args._out)
+    result.update(eager_s=eager_s, first_output_s=first_s, compile_s=first_s - eager_s,
+                  checksum=float(out.double().sum()))
+    if args._child == "fxoffload":
+        import fxoffload
+
+        snap = fxoffload.stats()
+        # Snapshot.as_dict() fails on its mappingproxy fields (deepcopy): read attributes.
+        result["stats"] = {k: getattr(snap, k) for k in (
+            "graphs_offloaded", "bytes_sent", "bytes_received", "compile_s", "worker_starts")}
+        result["stats"].update(fallbacks=dict(snap.fallbacks),
+                               worker_failures=dict(snap.worker_failures))
+        fxoffload.shutdown()
+    print(_RESULT_MARK + json.dumps(result), flush=True)
+    return 0
+
+
+def _run_child(variant: str, args: argparse.Namespace, model: str, tmp: Path) -> dict[str, Any]:
+    work = tmp / variant
+    work.mkdir()
+    env = dict(os.environ)
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")
+    env["TRITON_CACHE_DIR"] = str(work / "triton-cache")
+    src = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "fxoffload.cli", "demo", "--model", model, "--mode",
+           args.mode, "--_child", variant, "--_out", str(work / "out.pt")]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
+    print(f"compiling {model} with {variant} in a fresh process ...", flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(_RESULT_MARK)]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+        raise RuntimeError(f"the {variant} run failed (exit {proc.returncode}):\n{tail}")
+    result = json.loads(lines[-1].removeprefix(_RESULT_MARK))
+    result["out"] = str(work / "out.pt")
+    return result
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args._child:
+        return _demo_child(args)
+    model = args.model
+    if model == "gpt2" and importlib.util.find_spec("transformers") is None:
+        print("transformers is not installed: using the built-in block instead of gpt2")
+        model = "block"
+    with tempfile.TemporaryDirectory(prefix="fxoffload-demo-") as name:
+        try:
+            stock = _run_child("stock", args, model, Path(name))
+            offl = _run_child("fxoffload", args, model, Path(name))
+        except RuntimeError as e:
+            print(f"fxoffload demo: {e}", file=sys.stderr)
+            return 1
+        import torch
+
+        a, b = torch.load(stock["out"]), torch.load(offl["out"])
+        match = a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+        diff = float((a - b).abs().max()) if a.shape == b.shape else float("nan")
+    warm = offl.get("warmup_s", 0.0)
+    rows = [("warm-up (s)", None, warm),
+            ("first output (s)", stock["first_output_s"], offl["first_output_s"]),
+            ("compile (s, first call - eager)", stock["compile_s"], offl["compile_s"]),
+            ("warm-up + first output (s)", stock["first_output_s"],
+             warm + offl["first_output_s"])]
+    print(f"\n{model}, fxoffload mode {args.mode}:")
+    print(f"  {'':34}{'stock':>10}{'fxoffload':>12}")
+    for label, x, y in rows:
+        print(f"  {label:34}{'-' if x is None else f'{x:.2f}':>10}{y:>12.2f}")
+    ratio = stock["first_output_s"] / max(offl["first_output_s"], 1e-9)
+    print(f"  time to first output, stock / fxoffload: {ratio:.2f}x")
+    st = offl["stats"]
+    fallbacks = sum(st["fallbacks"].values())
+    print(f"fxoffload: {st['graphs_offloaded']} graphs offloaded, {fallbacks} fallbacks"
+          + (f" {st['fallbacks']}" if fallbacks else "")
+          + f", {st['bytes_sent'] / 1e3:.0f} kB sent, {st['bytes_received'] / 1e3:.0f} kB "
+          f"received, worker starts {st['worker_starts']}"
+          + (f", worker failures {st['worker_failures']}" if st["worker_failures"] else ""))
+    print(f"outputs match: {'yes' if match else 'no'} (max abs diff {diff:.3g})")
+    ok = match and fallbacks == 0 and st["graphs_offloaded"] > 0
+    if st["graphs_offloaded"] == 0:
+        print("no graph was offloaded: the demo showed nothing", file=sys.stderr)
+    return 0 if ok else 1
+
+
+# --- argument parsing ---------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fxoffload", description="Tools for fxoffload: TorchInductor compiles out of "
+        "the process that runs the model.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("replay", help="recompile a captured .request.fxo in this process",
+                       description="Recompile a captured request in this fresh process and "
+                       "compare the code with the captured response, if one lies beside it.")
+    p.add_argument("file", help="a <pid>-<seq>-<id>.request.fxo written by mode='capture'")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no remote traceback and no code diff")
+    p.set_defaults(func=cmd_replay)
+    p = sub.add_parser("inspect", help="show what a captured .fxo file holds",
+                       description="Show a captured request (graph, inputs, symbolic "
+                       "shapes, config) or response (code, metrics, logs).")
+    p.add_argument("file", help="a .request.fxo or .response.fxo file")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("demo", help="compile a small transformer, stock vs fxoffload",
+                       description="Compile a tiny model with stock Inductor and with "
+                       "fxoffload, each in a fresh process with an empty cache, and compare.")
+    p.add_argument("--model", choices=("gpt2", "block"), default="gpt2",
+                   help="tiny random GPT-2 from transformers (default), or a built-in block")
+    p.add_argument("--mode", choices=("subprocess", "serde"), default="subprocess",
+                   help="fxoffload mode (default: subprocess)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes")
+    p.add_argument("--_child", choices=("stock", "fxoffload"), help=argparse.SUPPRESS)
+    p.add_argument("--_out", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "workers", None) is not None and args.workers < 1:
+        return _fail("--workers must be a positive integer")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
