@@ -35,3 +35,34 @@ class ReluToSigmoidWarn(CustomGraphPass):
 
     def uuid(self) -> bytes:
         return b"fxoffload-test-relu-to-sigmoid-v1"
+
+
+class FailsInWorker(CustomGraphPass):
+    """Raises only inside an fxoffload worker, so the in-process fallback succeeds."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if "FXOFFLOAD_PARENT_PID" in os.environ:
+            raise RuntimeError("boom: this pass refuses to run in a worker")
+
+    def uuid(self) -> bytes:
+        return b"fxoffload-test-fails-in-worker-v1"
+
+
+class SlowInWorker(CustomGraphPass):
+    """In a worker: writes its pid to ``sentinel`` and sleeps, so a test can kill the
+    worker while it is really compiling. In-process (the fallback) it does nothing."""
+
+    def __init__(self, sentinel: str, seconds: float = 60.0) -> None:
+        self.sentinel = sentinel
+        self.seconds = seconds
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if "FXOFFLOAD_PARENT_PID" in os.environ:
+            with open(self.sentinel, "w") as f:
+                f.write(str(os.getpid()))
+            import time
+
+            time.sleep(self.seconds)
+
+    def uuid(self) -> bytes:
+        return f"fxoffload-test-slow-{self.sentinel}".encode()

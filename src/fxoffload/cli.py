@@ -47,56 +47,49 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except FxOffloadError as e:
         print(f"fxoffload: replay produced no readable response: {e}", file=sys.stderr)
         return 1
-    for record in response.logs:
-        print(inspection.format_record(record))
-    for warning in response.warnings:
-        print("warning: " + inspection.format_warning(warning))
-    s = preamble.summary
-    kind = "backward" if s.get("is_backward") else (
-        "inference" if s.get("is_inference") else "forward")
-    source = getattr(response.graph, "source_code", None)
-    print(f"== replay of {args.file} ==")
-    print(f"request id:    {preamble.request_id}")
-    print(f"torch:         {preamble.torch_version}")
-    print(f"graph:         {s.get('nodes')} nodes, {s.get('inputs')} inputs, "
-          f"devices {', '.join(s.get('devices', [])) or '-'} ({kind})")
-    print(f"compile:       {response.compile_s:.2f} s")
-    print(f"kernels:       {getattr(response.metrics, 'generated_kernel_count', '?')} "
-          "generated (generated_kernel_count delta)")
-    print(f"source code:   {len(source) if source is not None else 0} chars")
+    lines = [inspection.format_record(r) for r in response.logs]
+    lines += ["warning: " + inspection.format_warning(w) for w in response.warnings]
+    s, source = preamble.summary, getattr(response.graph, "source_code", None)
+    kind = ("backward" if s.get("is_backward") else
+            "inference" if s.get("is_inference") else "forward")
+    lines += [
+        f"== replay of {args.file} ==",
+        f"request id:    {preamble.request_id}",
+        f"torch:         {preamble.torch_version}",
+        f"graph:         {s.get('nodes')} nodes, {s.get('inputs')} inputs, "
+        f"devices {', '.join(s.get('devices', [])) or '-'} ({kind})",
+        f"compile:       {response.compile_s:.2f} s",
+        f"kernels:       {getattr(response.metrics, 'generated_kernel_count', '?')} generated "
+        "(generated_kernel_count delta)",
+        f"source code:   {len(source or '')} chars",
+    ]
     if response.error is not None:
         reason, summary, tb = response.error
-        print(f"result:        FAILED ({reason}): {summary}")
-        if tb and not args.quiet:
-            print(tb.rstrip())
+        lines.append(f"result:        FAILED ({reason}): {summary}")
+        print("\n".join(lines + ([tb.rstrip()] if tb and not args.quiet else [])))
         return 1
-    print("result:        ok")
+    print("\n".join([*lines, "result:        ok"]))
     sibling = Path(str(args.file).removesuffix(".request.fxo") + ".response.fxo")
     if str(args.file).endswith(".request.fxo") and sibling.is_file():
-        _compare_with_capture(sibling, source or "", args.quiet)
+        print(_compare_with_capture(sibling, source or "", args.quiet))
     return 0
 
 
-def _compare_with_capture(path: Path, source: str, quiet: bool) -> None:
+def _compare_with_capture(path: Path, source: str, quiet: bool) -> str:
     from . import inspection
 
     try:
         captured = inspection.load_response(inspection.read_bytes(path))
     except (inspection.BadInput, FxOffloadError) as e:
-        print(f"matches capture: unknown ({path.name} unreadable: {e})")
-        return
+        return f"matches capture: unknown ({path.name} unreadable: {e})"
     old = getattr(captured.graph, "source_code", None)
     if old is None:
-        print(f"matches capture: unknown (the captured response holds no code: "
-              f"{captured.error and captured.error[0]})")
-        return
+        return f"matches capture: unknown ({path.name} holds no code: {captured.error})"
     diff = inspection.compare_sources(old, source)
     if not diff:
-        print("matches capture: yes (same code after normalizing paths and hashes)")
-        return
-    print(f"matches capture: NO ({path.name} differs after normalizing paths and hashes)")
-    if not quiet:
-        print("\n".join(diff[:60] + (["..."] if len(diff) > 60 else [])))
+        return "matches capture: yes (same code after normalizing paths and hashes)"
+    shown = [] if quiet else diff[:60] + (["..."] if len(diff) > 60 else [])
+    return "\n".join([f"matches capture: NO ({path.name} differs after normalizing)", *shown])
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -195,11 +188,10 @@ def _demo_child(args: argparse.Namespace) -> int:
 def _run_child(variant: str, args: argparse.Namespace, model: str, tmp: Path) -> dict[str, Any]:
     work = tmp / variant
     work.mkdir()
-    env = dict(os.environ)
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")
-    env["TRITON_CACHE_DIR"] = str(work / "triton-cache")
-    src = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    src = str(Path(__file__).resolve().parent.parent)  # importable even if not installed
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache"),
+           "TRITON_CACHE_DIR": str(work / "triton-cache"),
+           "PYTHONPATH": os.pathsep.join(filter(None, (src, os.environ.get("PYTHONPATH"))))}
     cmd = [sys.executable, "-m", "fxoffload.cli", "demo", "--model", model, "--mode",
            args.mode, "--_child", variant, "--_out", str(work / "out.pt")]
     if args.workers:
@@ -234,54 +226,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
         a, b = torch.load(stock["out"]), torch.load(offl["out"])
         match = a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
         diff = float((a - b).abs().max()) if a.shape == b.shape else float("nan")
-    warm = offl.get("warmup_s", 0.0)
-    rows = [("warm-up (s)", None, warm),
-            ("first output (s)", stock["first_output_s"], offl["first_output_s"]),
-            ("compile (s, first call - eager)", stock["compile_s"], offl["compile_s"]),
-            ("warm-up + first output (s)", stock["first_output_s"],
-             warm + offl["first_output_s"])]
-    print(f"\n{model}, fxoffload mode {args.mode}:")
-    print(f"  {'':34}{'stock':>10}{'fxoffload':>12}")
-    for label, x, y in rows:
+    warm, st = offl.get("warmup_s", 0.0), offl["stats"]
+    print(f"\n{model}, fxoffload mode {args.mode}:\n  {'':34}{'stock':>10}{'fxoffload':>12}")
+    for label, x, y in [("warm-up (s)", None, warm),
+                        ("first output (s)", stock["first_output_s"], offl["first_output_s"]),
+                        ("compile (s, first call - eager)", stock["compile_s"], offl["compile_s"]),
+                        ("warm-up + first output (s)", stock["first_output_s"],
+                         warm + offl["first_output_s"])]:
         print(f"  {label:34}{'-' if x is None else f'{x:.2f}':>10}{y:>12.2f}")
     ratio = stock["first_output_s"] / max(offl["first_output_s"], 1e-9)
-    print(f"  time to first output, stock / fxoffload: {ratio:.2f}x")
-    st = offl["stats"]
     fallbacks = sum(st["fallbacks"].values())
-    print(f"fxoffload: {st['graphs_offloaded']} graphs offloaded, {fallbacks} fallbacks"
-          + (f" {st['fallbacks']}" if fallbacks else "")
-          + f", {st['bytes_sent'] / 1e3:.0f} kB sent, {st['bytes_received'] / 1e3:.0f} kB "
-          f"received, worker starts {st['worker_starts']}"
-          + (f", worker failures {st['worker_failures']}" if st["worker_failures"] else ""))
+    print(f"  time to first output, stock / fxoffload: {ratio:.2f}x")
+    print(f"fxoffload: {st['graphs_offloaded']} graphs offloaded, {fallbacks} fallbacks "
+          f"{st['fallbacks'] or ''}, {st['bytes_sent'] / 1e3:.0f} kB sent, "
+          f"{st['bytes_received'] / 1e3:.0f} kB received, worker starts {st['worker_starts']}, "
+          f"worker failures {st['worker_failures'] or 0}")
     print(f"outputs match: {'yes' if match else 'no'} (max abs diff {diff:.3g})")
-    ok = match and fallbacks == 0 and st["graphs_offloaded"] > 0
     if st["graphs_offloaded"] == 0:
         print("no graph was offloaded: the demo showed nothing", file=sys.stderr)
-    return 0 if ok else 1
+    return 0 if match and fallbacks == 0 and st["graphs_offloaded"] > 0 else 1
 
 
 # --- argument parsing ---------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fxoffload", description="Tools for fxoffload: TorchInductor compiles out of "
-        "the process that runs the model.")
+    parser = argparse.ArgumentParser(prog="fxoffload", description="Tools for fxoffload: "
+                                     "TorchInductor compiles out of the model's process.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("replay", help="recompile a captured .request.fxo in this process",
-                       description="Recompile a captured request in this fresh process and "
-                       "compare the code with the captured response, if one lies beside it.")
+    p = sub.add_parser("replay", help="recompile a captured .request.fxo in this process; "
+                       "compare with the captured .response.fxo beside it, if any")
     p.add_argument("file", help="a <pid>-<seq>-<id>.request.fxo written by mode='capture'")
-    p.add_argument("--quiet", "-q", action="store_true",
-                   help="no remote traceback and no code diff")
+    p.add_argument("--quiet", "-q", action="store_true", help="no traceback, no code diff")
     p.set_defaults(func=cmd_replay)
-    p = sub.add_parser("inspect", help="show what a captured .fxo file holds",
-                       description="Show a captured request (graph, inputs, symbolic "
-                       "shapes, config) or response (code, metrics, logs).")
+    p = sub.add_parser("inspect", help="show what a captured request or response holds")
     p.add_argument("file", help="a .request.fxo or .response.fxo file")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("demo", help="compile a small transformer, stock vs fxoffload",
-                       description="Compile a tiny model with stock Inductor and with "
-                       "fxoffload, each in a fresh process with an empty cache, and compare.")
+    p = sub.add_parser("demo", help="compile a tiny transformer with stock Inductor and with "
+                       "fxoffload, each in a fresh process with an empty cache; compare")
     p.add_argument("--model", choices=("gpt2", "block"), default="gpt2",
                    help="tiny random GPT-2 from transformers (default), or a built-in block")
     p.add_argument("--mode", choices=("subprocess", "serde"), default="subprocess",

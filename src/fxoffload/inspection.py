@@ -109,9 +109,7 @@ def load_request(data: bytes) -> tuple[protocol.Preamble, protocol.CompileReques
     """Preamble, request and the fake mode it was unpickled into (its ShapeEnv holds the
     captured symbols). Imports the modules the preamble names, as a worker would."""
     preamble, body = protocol.split_request(data)
-    for path in reversed(preamble.sys_path):
-        if path not in sys.path:
-            sys.path.append(path)
+    sys.path.extend(p for p in preamble.sys_path if p not in sys.path)
     for name in preamble.imports:
         try:
             importlib.import_module(name)
@@ -121,9 +119,9 @@ def load_request(data: bytes) -> tuple[protocol.Preamble, protocol.CompileReques
     fake_mode = fresh_fake_mode()
     try:
         request = protocol.decode_request_body(body, fake_mode)
-    except ProtocolError:
-        raise
-    except Exception as e:  # noqa: BLE001 - foreign bytes inside a valid envelope
+    except Exception as e:  # foreign bytes inside a valid envelope
+        if isinstance(e, ProtocolError):
+            raise
         raise ProtocolError(f"request body could not be unpickled: {type(e).__name__}: {e}"
                             ) from None
     return preamble, request, fake_mode

@@ -31,10 +31,8 @@ class Snapshot:
         return sum(self.fallbacks.values())
 
     def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["fallbacks"] = dict(self.fallbacks)
-        d["worker_failures"] = dict(self.worker_failures)
-        return d
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), MappingProxyType)
+                         else v) for f in dataclasses.fields(self)}
 
 
 class Stats:

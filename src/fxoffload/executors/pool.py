@@ -81,6 +81,7 @@ class _Worker:
                 os.close(resp_w)
         self.pid = self.proc.pid
         self.jobs_done = 0
+        self.ready = False
 
     def wait_ready(self, timeout: float) -> float:
         try:
@@ -97,6 +98,7 @@ class _Worker:
                 f"worker pid {self.pid} failed during start-up "
                 f"({WorkerCrashed(self.pid, code, 'during start-up')}); {e}"
             ) from None
+        self.ready = True
         return float(pickle.loads(envelope.payload)["startup_s"])
 
     def run(self, request: bytes, timeout: float) -> bytes:
@@ -162,7 +164,6 @@ class WorkerPool(Executor):
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._workers: dict[int, _Worker] = {}
-        self._ready = [threading.Event() for _ in range(settings.workers)]
         self._closed = False
         self._broken: WorkerError | None = None
         self._startup_failures = 0
@@ -187,12 +188,15 @@ class WorkerPool(Executor):
                 raise PoolClosed("the fxoffload worker pool was shut down")
             self._start_locked()
         if wait:
-            for event in self._ready:
-                event.wait(self.settings.startup_timeout)
+            # Every slot has a ready worker (a replacement counts only once it is ready).
+            deadline = time.monotonic() + self.settings.startup_timeout
+            while (len(self.worker_pids()) < self.settings.workers and self._broken is None
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
 
     def worker_pids(self) -> list[int]:
         with self._lock:
-            return [w.pid for w in self._workers.values() if w.alive()]
+            return [w.pid for w in self._workers.values() if w.ready and w.alive()]
 
     def shutdown(self, *, wait: bool = True) -> None:
         with self._lock:
@@ -261,35 +265,30 @@ class WorkerPool(Executor):
         with self._lock:
             self._startup_failures = 0
         self.stats.add(worker_starts=1, worker_replacements=1 if replacing else 0)
-        self._ready[index].set()
         return worker
 
     def _slot(self, index: int) -> None:
-        worker: _Worker | None = None
+        worker: _Worker | None = self._spawn(index, replacing=False)
         replacing = False
         while not self._closed:
-            if worker is None or not worker.alive():
-                if worker is not None:  # died between jobs
-                    code = worker.kill()
-                    self._note_failure(WorkerCrashed(worker.pid, code, "while idle"))
-                    replacing = True
-                worker = self._spawn(index, replacing)
-                if worker is None:
-                    if self._broken is not None:
-                        return
-                    job = self._jobs.get()
-                    if job is None:
-                        return
-                    if job.future.set_running_or_notify_cancel():
-                        job.future.set_exception(WorkerStartupError(
-                            "no fxoffload worker could be started for this compile"))
-                    time.sleep(0.5)
-                    continue
             job = self._jobs.get()
             if job is None or self._closed:
                 if job is not None and job.future.set_running_or_notify_cancel():
                     job.future.set_exception(PoolClosed("the fxoffload pool was shut down"))
                 break
+            if worker is not None and not worker.alive():  # died while idle
+                code = worker.kill()
+                self._note_failure(WorkerCrashed(worker.pid, code, "while idle"))
+                worker, replacing = None, True
+            if worker is None:
+                worker = self._spawn(index, replacing)
+                if worker is None:
+                    if job.future.set_running_or_notify_cancel():
+                        job.future.set_exception(self._broken or WorkerStartupError(
+                            "no fxoffload worker could be started for this compile"))
+                    if self._broken is not None:
+                        return
+                    continue
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
@@ -302,6 +301,9 @@ class WorkerPool(Executor):
                 job.future.set_exception(WorkerError(f"unexpected pool failure: {e!r}"))
                 worker.kill()
                 worker, replacing = None, True
+            if worker is None and not self._closed:
+                # Replace now, not at the next job, so the next compile finds a warm worker.
+                worker = self._spawn(index, replacing)
         if worker is not None:
             worker.stop()
 
