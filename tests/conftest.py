@@ -8,10 +8,10 @@ import tempfile
 
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fxoffload-tests-"))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import fxoffload  # noqa: E402
+import fxoffload
 
 MODES = ("serde", "capture", "subprocess")
 POOL = {"workers": 1}  # one settings key, so every subprocess test shares one warm pool

@@ -84,7 +84,8 @@ def transformers_model(name: str, device: str = "cpu") -> tuple[nn.Module, Calla
     torch.manual_seed(0)
     vocab, seq, batch = 128, 16, 2
     if name == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+        cfg = tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                            bos_token_id=0, eos_token_id=0)
         model = tf.GPT2LMHeadModel(cfg)
     elif name == "bert":
         cfg = tf.BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,

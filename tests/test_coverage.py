@@ -67,7 +67,7 @@ def test_custom_pass_is_carried(mode: str, tmp_path: Any) -> None:
 
 
 def test_custom_op_in_main_falls_back_with_reason(caplog: Any, tmp_path: Any) -> None:
-    lib = torch.library.Library("fxoffload_main_test", "FRAGMENT")  # noqa: F841
+    lib = torch.library.Library("fxoffload_main_test", "FRAGMENT")
     try:
         @torch.library.custom_op("fxoffload_main_test::double", mutates_args=())
         def double(x: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,8 @@ def _compile(body: bytes) -> CompileResponse:
                 stack.enter_context(restored(request.state, fake_mode))
                 logs = stack.enter_context(captured_logs(request.state))
                 stack.enter_context(torch._guards.tracing(request.tracing_context))
+                if request.tracing_context is not None and request.state.fw_metadata:
+                    request.tracing_context.fw_metadata = request.state.fw_metadata
                 stack.enter_context(DebugContext())
                 stack.enter_context(no_save_output_code())
                 scheme = _InProcessFxCompile()

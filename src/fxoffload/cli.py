@@ -174,12 +174,7 @@ def _demo_child(args: argparse.Namespace) -> int:
     if args._child == "fxoffload":
         import fxoffload
 
-        snap = fxoffload.stats()
-        # Snapshot.as_dict() fails on its mappingproxy fields (deepcopy): read attributes.
-        result["stats"] = {k: getattr(snap, k) for k in (
-            "graphs_offloaded", "bytes_sent", "bytes_received", "compile_s", "worker_starts")}
-        result["stats"].update(fallbacks=dict(snap.fallbacks),
-                               worker_failures=dict(snap.worker_failures))
+        result["stats"] = fxoffload.stats().as_dict()
         fxoffload.shutdown()
     print(_RESULT_MARK + json.dumps(result), flush=True)
     return 0
@@ -237,8 +232,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ratio = stock["first_output_s"] / max(offl["first_output_s"], 1e-9)
     fallbacks = sum(st["fallbacks"].values())
     print(f"  time to first output, stock / fxoffload: {ratio:.2f}x")
-    print(f"fxoffload: {st['graphs_offloaded']} graphs offloaded, {fallbacks} fallbacks "
-          f"{st['fallbacks'] or ''}, {st['bytes_sent'] / 1e3:.0f} kB sent, "
+    detail = f" {st['fallbacks']}" if fallbacks else ""
+    print(f"fxoffload: {st['graphs_offloaded']} graphs offloaded, {fallbacks} fallbacks"
+          f"{detail}, {st['bytes_sent'] / 1e3:.0f} kB sent, "
           f"{st['bytes_received'] / 1e3:.0f} kB received, worker starts {st['worker_starts']}, "
           f"worker failures {st['worker_failures'] or 0}")
     print(f"outputs match: {'yes' if match else 'no'} (max abs diff {diff:.3g})")

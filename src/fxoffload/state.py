@@ -37,6 +37,25 @@ _VIRTUALIZED = ("aot_compilation", "choices", "local_buffer_context", "ops", "ke
 
 
 @dataclasses.dataclass
+class FwMetadataView:
+    """The fields of AOTAutograd's ViewAndMutationMeta that Inductor's codegen reads from
+    ``TracingContext.fw_metadata`` (GraphPickler drops fw_metadata entirely; without
+    ``bw_donated_idxs`` a backward compiles without buffer donation, i.e. other code)."""
+
+    bw_donated_idxs: Any = None
+    static_input_indices: Any = None
+    num_mutated_inp_runtime_indices: Any = None
+
+    @classmethod
+    def capture(cls) -> FwMetadataView | None:
+        context = torch._guards.TracingContext.try_get()
+        meta = getattr(context, "fw_metadata", None)
+        if meta is None:
+            return None
+        return cls(**{f.name: getattr(meta, f.name, None) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass
 class CapturedState:
     config: dict[str, Any]
     config_by_value: dict[str, bytes]
@@ -47,6 +66,7 @@ class CapturedState:
     deterministic_guard: Any
     logger_levels: dict[str, tuple[int, bool]]
     inductor_effective_level: int
+    fw_metadata: FwMetadataView | None = None
 
 
 def capture_state(fake_mode: Any) -> CapturedState:
@@ -83,6 +103,7 @@ def capture_state(fake_mode: Any) -> CapturedState:
         deterministic_guard=_capture_deterministic_guard(),
         logger_levels=_capture_logger_levels(),
         inductor_effective_level=logging.getLogger("torch._inductor").getEffectiveLevel(),
+        fw_metadata=FwMetadataView.capture(),
     )
 
 
@@ -219,6 +240,10 @@ def restored(state: CapturedState, fake_mode: Any) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         patch = dict(state.config)
         patch.update({k: pickle.loads(v) for k, v in state.config_by_value.items()})
+        current = config.get_config_copy()
+        # Patch only what differs: config.patch marks every key it touches as
+        # user-set, which would change _is_default() in this (possibly parent) process.
+        patch = {k: v for k, v in patch.items() if k not in current or current[k] != v}
         stack.enter_context(config.patch(patch))
         stack.enter_context(_virtualized(state.virtualized))
         stack.enter_context(_fallbacks(state.fallback_lowerings))

@@ -1,0 +1,172 @@
+"""The ``fxoffload`` command line: replay, inspect and demo, on real captures."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from models import MLP
+
+import fxoffload
+from fxoffload import cli, inspection, wire
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fxoffload.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def _capture(directory: Path, x: torch.Tensor) -> Path:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP().eval()
+    backend = fxoffload.backend(mode="capture", capture_dir=directory)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch.no_grad(), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch.compile(model, backend=backend)(x)
+    torch._dynamo.reset()
+    (request,) = sorted(directory.glob("*.request.fxo"))
+    assert request.with_name(request.name.replace(".request.", ".response.")).is_file()
+    return request
+
+
+@pytest.fixture(scope="module")
+def static_request(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _capture(tmp_path_factory.mktemp("static"), torch.randn(4, 16))
+
+
+@pytest.fixture(scope="module")
+def dynamic_request(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    x = torch.randn(6, 16)
+    torch._dynamo.mark_dynamic(x, 0)
+    return _capture(tmp_path_factory.mktemp("dynamic"), x)
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in ([], ["replay"], ["inspect"], ["demo"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*argv, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: fxoffload" in capsys.readouterr().out
+    proc = subprocess.run([sys.executable, "-m", "fxoffload", "--help"], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0 and "replay" in proc.stdout and "demo" in proc.stdout
+
+
+def test_replay_matches_capture(static_request: Path) -> None:
+    proc = _run("replay", str(static_request))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    request_id = static_request.name.split(".")[0].split("-")[-1]
+    assert f"request id:    {request_id}" in out
+    assert f"torch:         {torch.__version__}" in out
+    assert re.search(r"graph: +\d+ nodes, \d+ inputs, devices cpu \(inference\)", out)
+    assert re.search(r"compile: +\d+\.\d+ s", out)
+    assert re.search(r"kernels: +[1-9]\d* generated", out)
+    assert re.search(r"source code: +[1-9]\d* chars", out)
+    assert "result:        ok" in out
+    assert "matches capture: yes" in out
+
+
+def test_replay_failed_compile_exits_1(static_request: Path, tmp_path: Path) -> None:
+    # A well-formed request that names a custom op no process registers: the compile
+    # side reports custom_op_unavailable and replay must say so with exit code 1.
+    envelope = wire.decode(static_request.read_bytes())
+    preamble, body = pickle.loads(envelope.payload)
+    preamble["custom_ops"] = ["fxoffload_cli_test::missing"]
+    bad = tmp_path / "bad.request.fxo"
+    bad.write_bytes(wire.encode(wire.Kind.REQUEST, pickle.dumps((preamble, body))))
+    proc = _run("replay", "--quiet", str(bad))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED (custom_op_unavailable)" in proc.stdout
+    assert "fxoffload_cli_test::missing" in proc.stdout
+
+
+def test_inspect_dynamic_request(dynamic_request: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["inspect", str(dynamic_request)]) == 0
+    out = capsys.readouterr().out
+    assert "def forward(" in out and "torch.ops.aten.addmm" in out
+    symbol = re.search(r"\[\d+\] tensor shape=\((s\d+), 16\) dtype=torch\.float32 "
+                       r"stride=\(16, 1\) device=cpu", out)
+    assert symbol, out
+    sym = symbol.group(1)
+    assert re.search(rf"{sym}: hint 6, range \[2, int_oo\], from L\['x'\]\.size\(\)\[0\]", out)
+    assert "guards: " in out
+    assert "== inductor config (differs from defaults) ==" in out
+    assert "lowerings fall back to eager" in out
+    assert "float32_matmul_precision = highest" in out
+
+
+def test_inspect_static_request_and_response(static_request: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["inspect", str(static_request)]) == 0
+    out = capsys.readouterr().out
+    assert "tensor shape=(4, 16) dtype=torch.float32 stride=(16, 1) device=cpu" in out
+    assert "no symbols: all shapes static" in out
+    assert "is_inference=True" in out
+    response = static_request.with_name(static_request.name.replace(".request.", ".response."))
+    assert cli.main(["inspect", str(response)]) == 0
+    out = capsys.readouterr().out
+    assert "CompiledFxGraph, source code" in out
+    assert re.search(r"metrics: +.*generated_kernel_count=[1-9]", out)
+    assert "log records:" in out and "warnings:" in out
+
+
+@pytest.mark.parametrize("command", ["replay", "inspect"])
+def test_bad_input(command: str, static_request: Path, tmp_path: Path,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    data = static_request.read_bytes()
+    cases = {
+        "truncated.request.fxo": (data[: len(data) // 2], "truncated envelope"),
+        "short.request.fxo": (data[:10], "truncated envelope"),
+        "random.request.fxo": (os.urandom(4096), "not an fxoffload envelope"),
+        "flipped.request.fxo": (data[:-1] + bytes([data[-1] ^ 1]), "checksum mismatch"),
+        "foreign.request.fxo": (
+            wire.encode(wire.Kind.REQUEST, wire.decode(data).payload, torch_version="0.0.1"),
+            "torch 0.0.1"),
+        "missing.request.fxo": (None, "no such file"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        assert cli.main([command, str(path)]) == 2, name
+        captured = capsys.readouterr()
+        assert message in captured.err, (name, captured.err)
+        assert "Traceback" not in captured.err + captured.out
+        assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_bad_input_subprocess(tmp_path: Path) -> None:
+    path = tmp_path / "x.request.fxo"
+    path.write_bytes(b"FXOF\x00\x01")
+    proc = _run("replay", str(path))
+    assert proc.returncode == 2
+    assert "truncated envelope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_normalize_source() -> None:
+    a = "# AOT ID: ['3_inference']\n# kernel path: /tmp/x/ab/cabc123def456ghi789jkl012mno.py\n" \
+        "def call(args):\n    return kernel_0(args)\n"
+    b = "# AOT ID: ['0_inference']\n# kernel path: /tmp/y/cd/c9zz123def456ghi789jkl012xyz.py\n" \
+        "\ndef call(args):\n    return kernel_0(args)\n"
+    assert inspection.compare_sources(a, b) == []
+    assert inspection.compare_sources(a, b.replace("kernel_0", "kernel_1"))
+
+
+@pytest.mark.slow
+def test_demo_block_serde() -> None:
+    proc = subprocess.run([sys.executable, "-m", "fxoffload", "demo", "--model", "block",
+                           "--mode", "serde"], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "outputs match: yes" in proc.stdout
+    assert re.search(r"[1-9]\d* graphs offloaded, 0 fallbacks", proc.stdout)
+    assert "time to first output, stock / fxoffload" in proc.stdout
