@@ -48,3 +48,17 @@ _COUNTERS = re.compile(r"# AOT ID: \['\d+_")
 def normalize_code(code: str) -> str:
     """Generated code up to per-process counters (AOT graph ids)."""
     return _COUNTERS.sub("# AOT ID: ['N_", code)
+
+
+def assert_same_code(ours: list[str], stock: list[str]) -> None:
+    """Equal up to per-process counters; on failure, show the first differing lines."""
+    import difflib
+
+    assert len(ours) == len(stock), f"{len(ours)} graphs of code, stock has {len(stock)}"
+    for i, (o, s) in enumerate(zip(ours, stock, strict=True)):
+        o, s = normalize_code(o), normalize_code(s)
+        if o != s:
+            diff = difflib.unified_diff(s.splitlines(), o.splitlines(), "stock", "fxoffload",
+                                        lineterm="", n=1)
+            raise AssertionError(f"graph {i}: code differs from stock:\n"
+                                 + "\n".join(list(diff)[:80]))

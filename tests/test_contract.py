@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODES, normalize_code, settings_for
+from conftest import MODES, assert_same_code, settings_for
 from models import MLP, Block, ConvNet, GraphBreak, aliased_outputs, mutate_input
 from torch._inductor.utils import run_and_get_code
 
@@ -43,7 +43,7 @@ def _check(stock_out: Any, stock_code: list[str], ours_out: Any, ours_code: list
             assert o.stride() == s.stride()
         else:
             assert o == s
-    assert [normalize_code(c) for c in ours_code] == [normalize_code(c) for c in stock_code]
+    assert_same_code(ours_code, stock_code)
     snap = fxoffload.stats()
     assert dict(snap.fallbacks) == {}
     # every graph stock compiled, we offloaded: no more, no fewer

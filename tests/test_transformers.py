@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import normalize_code, settings_for
+from conftest import assert_same_code, settings_for
 from torch._inductor.utils import run_and_get_code
 
 import fxoffload
@@ -66,4 +66,4 @@ def test_model(mode: str, name: str, train: bool, stock: Any, tmp_path: Any) -> 
     assert len(ours_out) == len(stock_out)
     for o, s in zip(ours_out, stock_out, strict=True):
         torch.testing.assert_close(o, s)
-    assert [normalize_code(c) for c in ours_code] == [normalize_code(c) for c in stock_code]
+    assert_same_code(ours_code, stock_code)

@@ -1,0 +1,139 @@
+"""The same contract on CUDA (Triton): run on the device machine; skipped without a GPU."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_same_code, settings_for
+from models import MLP, Block, GraphBreak
+from torch._inductor.utils import run_and_get_code
+
+import fxoffload
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+MODES = ("serde", "subprocess")
+
+
+def _compare(make: Any, run: Any, mode: str, tmp_path: Any, min_graphs: int = 1) -> None:
+    torch.manual_seed(0)
+    stock_fn = make()
+    ours_fn = copy.deepcopy(stock_fn)
+    torch._dynamo.reset()
+    s_out, s_code = run_and_get_code(lambda: run(torch.compile(stock_fn)))
+    torch._dynamo.reset()
+    fxoffload.reset_stats()
+    backend = fxoffload.backend(**settings_for(mode, tmp_path))
+    o_out, o_code = run_and_get_code(lambda: run(torch.compile(ours_fn, backend=backend)))
+    for o, s in zip(torch.utils._pytree.tree_leaves(o_out),
+                    torch.utils._pytree.tree_leaves(s_out), strict=True):
+        torch.testing.assert_close(o, s)
+    assert_same_code(o_code, s_code)
+    assert "triton" in "".join(o_code)
+    snap = fxoffload.stats()
+    assert dict(snap.fallbacks) == {}
+    assert snap.graphs_offloaded == len(s_code) >= min_graphs
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mlp(mode: str, tmp_path: Any) -> None:
+    x = torch.randn(8, 16, device="cuda")
+    _compare(lambda: MLP().cuda(), lambda f: f(x), mode, tmp_path)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_block_training(mode: str, tmp_path: Any) -> None:
+    x = torch.randn(2, 16, 32, device="cuda")
+
+    def run(f: Any) -> list[torch.Tensor]:
+        out = f(x)
+        out.pow(2).mean().backward()
+        return [out.detach()] + [p.grad for p in f.parameters()]
+
+    _compare(lambda: Block().cuda(), run, mode, tmp_path, min_graphs=2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dynamic_and_graph_break(mode: str, tmp_path: Any) -> None:
+    xs = [torch.randn(n, 8, device="cuda") for n in (4, 6, 9)]
+
+    def run(f: Any) -> list[torch.Tensor]:
+        outs = []
+        for x in xs:
+            x = x.clone()
+            torch._dynamo.mark_dynamic(x, 0)
+            outs.append(f(x))
+        return outs
+
+    _compare(lambda: GraphBreak().cuda(), run, mode, tmp_path, min_graphs=2)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+def test_transformers_subprocess(name: str, train: bool, tmp_path: Any) -> None:
+    pytest.importorskip("transformers")
+    from models import transformers_model
+
+    def make() -> Any:
+        model, _ = transformers_model(name, "cuda")
+        return model.train(train)
+
+    _, inputs = transformers_model(name, "cuda")
+
+    def run(f: Any) -> list[torch.Tensor]:
+        if not train:
+            with torch.no_grad():
+                return [f(**inputs()).logits]
+        logits = f(**inputs()).logits
+        logits.pow(2).mean().backward()
+        return [logits.detach()] + [p.grad for p in f.parameters() if p.grad is not None]
+
+    _compare(make, run, "subprocess", tmp_path, min_graphs=2 if train else 1)
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, torch, fxoffload
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.LayerNorm(64))
+    m = m.cuda()
+    backend = "inductor" if sys.argv[1] == "stock" else fxoffload.backend(
+        mode="subprocess", workers=1)
+    with torch.no_grad():
+        out = torch.compile(m, backend=backend)(torch.ones(8, 64, device="cuda"))
+    print(json.dumps({"inductor": dict(counters["inductor"]),
+                      "offloaded": fxoffload.stats().graphs_offloaded,
+                      "sum": out.sum().item()}))
+    fxoffload.shutdown()
+""")
+
+
+def _run(kind: str, cache: str, triton: str) -> dict[str, Any]:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=triton)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, kind], capture_output=True,
+                         text=True, env=env, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_worker_triton_kernels_reach_the_parents_cache_entry(tmp_path: Any) -> None:
+    stock = _run("stock", str(tmp_path / "stock"), str(tmp_path / "t-stock"))
+    first = _run("ours", str(tmp_path / "ours"), str(tmp_path / "t1"))
+    assert first["offloaded"] == 1
+    saved = first["inductor"].get("triton_bundler_save_kernel", 0)
+    assert saved == stock["inductor"].get("triton_bundler_save_kernel", 0) > 0
+    # A second process with an empty Triton cache: FX cache hit, kernels come from the
+    # bundle in the parent's cache entry, nothing is compiled or offloaded.
+    second = _run("ours", str(tmp_path / "ours"), str(tmp_path / "t2"))
+    assert second["offloaded"] == 0
+    assert second["inductor"].get("fxgraph_cache_hit", 0) == 1
+    assert second["inductor"].get("triton_bundler_read_and_emit_kernel", 0) == saved
+    assert second["sum"] == first["sum"]
