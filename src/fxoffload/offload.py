@@ -62,6 +62,11 @@ def check_offloadable(gm: torch.fx.GraphModule) -> None:
                     )
 
 
+def _uses_gpu(example_inputs: Sequence[Any]) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.device.type in ("cuda", "xpu")
+               for t in example_inputs)
+
+
 def in_process(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                inputs_to_check: Sequence[int], graph_kwargs: dict[str, Any],
                compile_region_name: str | None) -> Any:
@@ -92,7 +97,8 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
             gm=gm, example_inputs=list(example_inputs), inputs_to_check=list(inputs_to_check),
             graph_kwargs=dict(graph_kwargs),
             tracing_context=torch._guards.TracingContext.try_get(),
-            compile_region_name=compile_region_name, state=capture_state(fake_mode),
+            compile_region_name=compile_region_name,
+            state=capture_state(fake_mode, gpu=_uses_gpu(example_inputs)),
         )
         data = protocol.encode_request(request, extra_imports=settings.worker_imports)
     except NotOffloadable as e:

@@ -67,9 +67,10 @@ class CapturedState:
     logger_levels: dict[str, tuple[int, bool]]
     inductor_effective_level: int
     fw_metadata: FwMetadataView | None = None
+    triton_backend_hash: str | None = None
 
 
-def capture_state(fake_mode: Any) -> CapturedState:
+def capture_state(fake_mode: Any, *, gpu: bool = False) -> CapturedState:
     from torch._inductor import config
 
     portable = config.save_config_portable()
@@ -104,7 +105,19 @@ def capture_state(fake_mode: Any) -> CapturedState:
         logger_levels=_capture_logger_levels(),
         inductor_effective_level=logging.getLogger("torch._inductor").getEffectiveLevel(),
         fw_metadata=FwMetadataView.capture(),
+        triton_backend_hash=_triton_backend_hash() if gpu else None,
     )
+
+
+def _triton_backend_hash() -> str | None:
+    # Inductor writes this hash into every Triton kernel's inductor_meta. It depends on
+    # which ptxas the process found when it first asked, and Inductor sets
+    # TRITON_PTXAS_PATH in the parent after that: a worker started later would hash
+    # another ptxas. The parent's value is the one its caches and code use.
+    try:
+        return torch.utils._triton.triton_hash_with_backend()
+    except Exception:  # noqa: BLE001 - no Triton, no hash to carry
+        return None
 
 
 def _capture_virtualized() -> dict[str, Any]:
@@ -248,12 +261,25 @@ def restored(state: CapturedState, fake_mode: Any) -> Iterator[None]:
         stack.enter_context(_virtualized(state.virtualized))
         stack.enter_context(_fallbacks(state.fallback_lowerings))
         stack.enter_context(_torch_flags(state.torch_flags))
+        if state.triton_backend_hash is not None:
+            stack.enter_context(_patched(torch.utils._triton, "triton_hash_with_backend",
+                                         lambda: state.triton_backend_hash))
         if state.deterministic_guard is not None:
             stack.enter_context(state.deterministic_guard)
         saved_allow = fake_mode.allow_non_fake_inputs
         fake_mode.allow_non_fake_inputs = state.fake_mode_flags["allow_non_fake_inputs"]
         stack.callback(setattr, fake_mode, "allow_non_fake_inputs", saved_allow)
         yield
+
+
+@contextlib.contextmanager
+def _patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
 
 
 @contextlib.contextmanager
