@@ -25,6 +25,8 @@ def _watch_parent(parent: int) -> None:
 
 
 def _warm_up() -> None:
+    """One tiny compile per device type, so imports, the C++/Triton toolchains and
+    Inductor's own compile pools are warm before the first real job."""
     import torch
     from torch._inductor import config
 
@@ -39,6 +41,12 @@ def _warm_up() -> None:
     try:
         with config.patch(fx_graph_cache=False):
             torch.compile(f, backend="inductor", fullgraph=True)(torch.randn(8, 8))
+            if torch.cuda.is_available() and os.environ.get("FXOFFLOAD_WARM_CUDA", "1") == "1":
+                # CUDA context, Triton, ptxas probing and Inductor's Triton compile pool
+                # would otherwise land on the first real GPU compile.
+                torch._dynamo.reset()
+                torch.compile(f, backend="inductor", fullgraph=True)(
+                    torch.randn(8, 8, device="cuda"))
         torch._dynamo.reset()
     finally:
         logging.disable(logging.NOTSET)
