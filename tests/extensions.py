@@ -66,3 +66,54 @@ class SlowInWorker(CustomGraphPass):
 
     def uuid(self) -> bytes:
         return f"fxoffload-test-slow-{self.sentinel}".encode()
+
+
+class Noisy(CustomGraphPass):
+    """Prints to stdout and writes straight to file descriptors 1 and 2, as compilers do,
+    from wherever the compile runs."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        print("noisy pass: print() to stdout " * 50, flush=True)
+        os.write(1, b"FXOF garbage on fd 1 that looks like an envelope header\n" * 20)
+        os.write(2, b"noisy pass: raw bytes on fd 2\n")
+
+    def uuid(self) -> bytes:
+        return b"fxoffload-test-noisy-v1"
+
+
+class Misbehave(CustomGraphPass):
+    """In a worker only: fail in one of the ways the crash table covers."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if "FXOFFLOAD_PARENT_PID" not in os.environ:
+            return
+        import ctypes
+        import resource
+        import sys
+        import types
+
+        if self.how == "segfault":
+            ctypes.string_at(0)
+        elif self.how == "exit":
+            os._exit(3)
+        elif self.how == "oom":
+            resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+            blocks = [bytearray(1 << 28) for _ in range(64)]  # 16 GiB
+            del blocks
+        elif self.how == "raise":
+            raise RuntimeError("boom: this pass refuses to run in a worker")
+        elif self.how == "corrupt":
+            os.write(int(sys.argv[2]), b"\x00garbage where a response envelope belongs" * 4)
+        elif self.how == "unpicklable":
+            module = types.ModuleType("fxoffload_worker_only")
+            module.WorkerOnlyWarning = type("WorkerOnlyWarning", (UserWarning,), {})
+            module.WorkerOnlyWarning.__module__ = "fxoffload_worker_only"
+            sys.modules["fxoffload_worker_only"] = module
+            warnings.warn(module.WorkerOnlyWarning("only the worker can unpickle this"),
+                          stacklevel=1)
+
+    def uuid(self) -> bytes:
+        return f"fxoffload-test-misbehave-{self.how}".encode()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import MODES, settings_for
-from extensions import ReluToSigmoidWarn, scaled_add
+from extensions import Noisy, ReluToSigmoidWarn, scaled_add
 
 import fxoffload
 
@@ -104,3 +104,23 @@ def test_unpicklable_custom_pass_falls_back(tmp_path: Any) -> None:
         out = _run(lambda x: torch.relu(x) * 2, x, mode="serde", tmp_path=tmp_path)
     torch.testing.assert_close(out, torch.sigmoid(x) * 2)  # in-process, with the pass
     assert dict(fxoffload.stats().fallbacks) == {"unpicklable_config": 1}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_higher_order_op_cond_crosses(mode: str, tmp_path: Any) -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.cond(x.sum() > 0, lambda t: t.sin() * 2, lambda t: t.cos() - 1, (x,))
+
+    for x in (torch.ones(4), -torch.ones(4)):
+        torch.testing.assert_close(_run(f, x, mode=mode, tmp_path=tmp_path), f(x))
+    assert fxoffload.stats().graphs_offloaded >= 1
+    assert dict(fxoffload.stats().fallbacks) == {}
+
+
+def test_worker_output_does_not_corrupt_the_channel(tmp_path: Any) -> None:
+    x = torch.randn(8)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=Noisy()):
+        out = _run(lambda x: x.sin() + 1, x, mode="subprocess", tmp_path=tmp_path)
+    torch.testing.assert_close(out, x.sin() + 1)
+    assert fxoffload.stats().graphs_offloaded == 1
+    assert dict(fxoffload.stats().fallbacks) == {}

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import settings_for
-from extensions import FailsInWorker, SlowInWorker
+from extensions import FailsInWorker, Misbehave, SlowInWorker
 from models import MLP
 
 import fxoffload
@@ -169,3 +169,31 @@ def test_shutdown_leaves_no_process() -> None:
     assert out.stdout.split()[-1] == "done" and len(pids) == 2
     assert not any(_alive(p) for p in pids)
     assert "Traceback" not in out.stderr
+
+
+CRASH_TABLE = [
+    # (how the worker fails, fallback reason counted, words the error names)
+    ("segfault", "worker_crashed", "signal 11 (SIGSEGV)"),
+    ("exit", "worker_crashed", "exit code 3"),
+    ("oom", None, ""),  # MemoryError in Python, or a crash in C++: either is contained
+    ("raise", "remote_compile_error", "boom"),
+    ("corrupt", "corrupted_response", "not an fxoffload envelope"),
+    ("unpicklable", "response_unpickle_failed", "fxoffload_worker_only"),
+]
+
+
+@pytest.mark.parametrize(("how", "reason", "words"), CRASH_TABLE,
+                         ids=[row[0] for row in CRASH_TABLE])
+def test_crash_table(how: str, reason: str | None, words: str, caplog: Any) -> None:
+    _pool()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=Misbehave(how)), \
+            caplog.at_level("WARNING", logger="fxoffload"):
+        _compile_and_check()  # the user's call returns the right result
+    fallbacks = dict(fxoffload.stats().fallbacks)
+    assert sum(fallbacks.values()) == 1, fallbacks
+    if reason is not None:
+        assert fallbacks == {reason: 1}
+        assert words in caplog.text
+    else:
+        assert set(fallbacks) <= {"worker_crashed", "remote_compile_error"}
+    _pool()  # a replacement (if one was needed) becomes ready

@@ -32,6 +32,10 @@ class ConfigError(FxOffloadError, ValueError):
 class ProtocolError(FxOffloadError):
     """Truncated, corrupted or foreign bytes where an fxoffload envelope was expected."""
 
+    def __init__(self, message: str, reason: str = "corrupted_response") -> None:
+        self.reason = reason
+        super().__init__(message)
+
 
 class VersionMismatch(ProtocolError):
     """The envelope was written by another protocol or torch version."""

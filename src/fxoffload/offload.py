@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import protocol
-from .errors import FxOffloadError, NotOffloadable, ProtocolError, RemoteCompileError
+from .errors import FxOffloadError, NotOffloadable, RemoteCompileError
 from .executors import get_executor
 from .settings import Settings
 from .state import capture_state
@@ -114,9 +114,7 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
     except FxOffloadError as e:
         if settings.on_failure == "raise":
             raise
-        reason = getattr(e, "reason", None) or (
-            "corrupted_response" if isinstance(e, ProtocolError) else type(e).__name__)
-        return fall_back(reason, e, *args)
+        return fall_back(getattr(e, "reason", type(e).__name__), e, *args)
     t3 = time.perf_counter()
 
     foreign = response.pid != os.getpid()

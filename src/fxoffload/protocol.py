@@ -118,6 +118,11 @@ def decode_request_body(body: bytes, fake_mode: Any) -> CompileRequest:
     request = pickling.loads(body, fake_mode)
     if not isinstance(request, CompileRequest):
         raise ProtocolError(f"request body holds a {type(request).__name__}")
+    # Subgraphs of higher-order ops (cond, while_loop, …) come back without generated
+    # code; the fake-tensor propagation during lowering calls them.
+    for name, module in request.gm.named_modules():
+        if name and isinstance(module, torch.fx.GraphModule):
+            module.recompile()
     return request
 
 
@@ -143,9 +148,8 @@ def decode_response(data: bytes, fake_mode: Any) -> CompileResponse:
     try:
         response = pickling.loads(envelope.payload, fake_mode)
     except Exception as e:
-        raise ProtocolError(
-            f"response could not be unpickled: {type(e).__name__}: {e}"
-        ) from e
+        raise ProtocolError(f"response could not be unpickled: {type(e).__name__}: {e}",
+                            reason="response_unpickle_failed") from e
     if not isinstance(response, CompileResponse):
         raise ProtocolError(f"response body holds a {type(response).__name__}")
     return response
