@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import protocol
+from . import protocol, timeline
 from .errors import FxOffloadError, NotOffloadable, RemoteCompileError
 from .executors import get_executor
 from .settings import Settings
@@ -78,6 +78,9 @@ def in_process(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
 
 
 def fall_back(reason: str, error: BaseException, *args: Any) -> Any:
+    if (tl := timeline.get()) is not None:
+        tl.instant(f"fallback: {reason}", time.perf_counter(), error=str(error)[:500])
+        tl.flush()
     if STATS.count_fallback(reason) == 1:
         log.warning("fxoffload: compiling in-process instead (%s): %s", reason, error)
     else:
@@ -137,11 +140,29 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
         if box is not None and hasattr(box, "value"):
             box.value = value
     t4 = time.perf_counter()
+    if (tl := timeline.get()) is not None:
+        _trace(tl, settings, gm, response, t0, t1, t2, t4)
     STATS.add(graphs_offloaded=1, bytes_sent=len(data), bytes_received=len(raw),
               serialize_s=t1 - t0, compile_s=response.compile_s,
               transfer_s=max(0.0, (t2 - t1) - response.compile_s),
               deserialize_s=(t3 - t2) + (t4 - t3))
     return graph
+
+
+def _trace(tl: timeline.Timeline, settings: Settings, gm: torch.fx.GraphModule,
+           response: protocol.CompileResponse, t0: float, t1: float, t2: float,
+           t4: float) -> None:
+    graph = f"graph {STATS.graphs_offloaded} ({len(gm.graph.nodes)} nodes)"
+    tl.span(f"serialize {graph}", t0, t1, track=0, track_name="parent")
+    tl.span(f"wait for {settings.base_mode}", t1, t2, track=0, track_name="parent")
+    if response.pid == os.getpid():  # serde/capture: the compile ran on this thread
+        track, track_name = 1, "compile (in process)"
+    else:
+        track, track_name = response.pid, f"worker {response.pid}"
+    tl.span(f"compile {graph}", t2 - response.compile_s, t2, track=track,
+            track_name=track_name)
+    tl.span(f"deserialize + replay {graph}", t2, t4, track=0, track_name="parent")
+    tl.flush()
 
 
 def replay(response: protocol.CompileResponse, *, foreign: bool) -> None:

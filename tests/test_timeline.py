@@ -1,0 +1,38 @@
+"""FXOFFLOAD_TRACE writes a Chrome-trace timeline: parent and worker tracks per graph."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+SCRIPT = textwrap.dedent("""
+    import os, torch, fxoffload
+    torch.compile(lambda x: x.sin() * 2, backend=fxoffload.backend(mode="subprocess",
+                  workers=1))(torch.randn(8))
+    print(os.getpid())
+    fxoffload.shutdown()
+""")
+
+
+def test_trace_has_parent_and_worker_tracks(tmp_path: Any) -> None:
+    trace = tmp_path / "trace.json"
+    env = dict(os.environ, FXOFFLOAD_TRACE=str(trace),
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    parent = int(out.stdout.split()[-1])
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e["args"]["name"]: e["tid"] for e in events if e["ph"] == "M"}
+    workers = [n for n in names if n.startswith("worker ")]
+    assert "parent" in names and len(workers) == 1
+    assert int(workers[0].split()[1]) != parent  # compiled in another process
+    spans = [e for e in events if e["ph"] == "X"]
+    assert {e["name"].split(" graph")[0] for e in spans} >= {
+        "serialize", "wait for subprocess", "compile", "deserialize + replay"}
+    compile_span = next(e for e in spans if e["name"].startswith("compile"))
+    assert compile_span["tid"] == names[workers[0]] and compile_span["dur"] > 0
