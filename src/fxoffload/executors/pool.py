@@ -70,6 +70,9 @@ class _Worker:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fxoffload.worker", str(req_r), str(resp_w)],
                 pass_fds=(req_r, resp_w), stdin=subprocess.DEVNULL, env=env,
+                # Its own process group: the compilers and compile pools it starts can be
+                # killed with it, and the terminal's Ctrl-C goes to the parent alone.
+                start_new_session=True,
             )
         except OSError as e:
             for fd in (req_r, self.req_w, self.resp_r, resp_w):
@@ -132,6 +135,10 @@ class _Worker:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.send_signal(signal.SIGKILL)
         code = self.proc.wait()
+        # A compiler the worker started (g++, Inductor's compile pool) must not outlive it
+        # and keep writing into the cache while the parent compiles the same graph.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
         for fd in (self.req_w, self.resp_r):
             with contextlib.suppress(OSError):
                 os.close(fd)
