@@ -28,17 +28,25 @@ class _ListHandler(logging.Handler):
         self.records.append(record)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_output_code_log_arrives_through_parent_handlers(mode: str, tmp_path: Any) -> None:
+def _compile_and_record(mode: str, tmp_path: Any) -> _ListHandler:
+    """Compile an MLP; return what reached a handler on the parent's torch._inductor."""
     handler = _ListHandler()
     root = logging.getLogger("torch._inductor")
-    torch._logging.set_logs(output_code=True)
     root.addHandler(handler)
     try:
         torch.compile(MLP(), backend=fxoffload.backend(**settings_for(mode, tmp_path)))(
             torch.randn(2, 16))
     finally:
         root.removeHandler(handler)
+    return handler
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_output_code_log_arrives_through_parent_handlers(mode: str, tmp_path: Any) -> None:
+    torch._logging.set_logs(output_code=True)
+    try:
+        handler = _compile_and_record(mode, tmp_path)
+    finally:
         torch._logging.set_logs()
     code = [r for r in handler.records if "def call(" in r.getMessage()]
     assert code, "the generated code was not logged in the parent"
@@ -48,14 +56,7 @@ def test_output_code_log_arrives_through_parent_handlers(mode: str, tmp_path: An
 
 @pytest.mark.parametrize("mode", MODES)
 def test_levels_respected_nothing_below(mode: str, tmp_path: Any) -> None:
-    handler = _ListHandler()
-    root = logging.getLogger("torch._inductor")
-    root.addHandler(handler)
-    try:
-        torch.compile(MLP(), backend=fxoffload.backend(**settings_for(mode, tmp_path)))(
-            torch.randn(2, 16))
-    finally:
-        root.removeHandler(handler)
+    handler = _compile_and_record(mode, tmp_path)
     # At default levels (WARNING) a clean compile logs nothing at DEBUG/INFO.
     assert [r for r in handler.records if r.levelno < logging.WARNING] == []
 

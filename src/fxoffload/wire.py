@@ -171,13 +171,7 @@ def write_all(fd: int, data: bytes, deadline: Deadline) -> None:
 
 
 def read_message(fd: int, deadline: Deadline, *, expect: Kind | None = None) -> Envelope:
-    header = read_exact(fd, HEADER.size, deadline)
-    _, kind, vlen, plen, digest = _parse_header(header)
-    rest = read_exact(fd, vlen + plen, deadline)
-    version, payload = rest[:vlen], rest[vlen:]
-    if _digest(version, payload) != digest:
-        raise ProtocolError("corrupted envelope: checksum mismatch")
-    return _finish(Kind(kind), version, payload, expect, check_torch=True)
+    return decode(read_frame(fd, deadline), expect=expect)
 
 
 def read_frame(fd: int, deadline: Deadline) -> bytes:

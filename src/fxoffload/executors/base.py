@@ -22,6 +22,3 @@ class Executor(abc.ABC):
 
     def shutdown(self, *, wait: bool = True) -> None:
         """Release workers; pending futures fail with ``PoolClosed``."""
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name}

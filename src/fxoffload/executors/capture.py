@@ -38,6 +38,3 @@ class CaptureExecutor(Executor):
         if future.exception() is None:
             self._write(self.directory / f"{stem}.response.fxo", future.result())
         return future
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "directory": str(self.directory)}

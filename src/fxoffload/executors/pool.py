@@ -83,7 +83,6 @@ class _Worker:
                 os.close(req_r)
                 os.close(resp_w)
         self.pid = self.proc.pid
-        self.jobs_done = 0
         self.ready = False
 
     def wait_ready(self, timeout: float) -> float:
@@ -119,7 +118,6 @@ class _Worker:
             self.kill()
             raise _CorruptResponse(f"worker pid {self.pid} sent a corrupted response: {e}"
                                    ) from None
-        self.jobs_done += 1
         return frame
 
     def alive(self) -> bool:
@@ -220,8 +218,6 @@ class WorkerPool(Executor):
             for thread in self._threads:
                 thread.join(10.0)
 
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "workers": self.settings.workers, "pids": self.worker_pids()}
 
     # -- internals ----------------------------------------------------------------
     def _start_locked(self) -> None:
