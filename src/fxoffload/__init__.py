@@ -36,7 +36,7 @@ __all__ = [
     "ConfigError", "FxOffloadError", "NotOffloadable", "PoolClosed", "ProtocolError",
     "RemoteCompileError", "Settings", "VersionMismatch", "WorkerCrashed", "WorkerError",
     "WorkerStartupError", "WorkerTimeout", "backend", "enabled", "reset_stats", "shutdown",
-    "stats", "warmup",
+    "stats", "wait", "warmup",
 ]
 
 
@@ -70,6 +70,15 @@ def warmup(settings: Settings | None = None, *, wait: bool = True, **kwargs: Any
     from .executors import get_executor
 
     get_executor(settings or Settings.resolve(**kwargs)).warmup(wait=wait)
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Block until every background compile (async/progressive modes) has arrived or
+    failed; False if ``timeout`` seconds ran out first. Arrived code is swapped in at
+    each graph's next call."""
+    from .background import wait as _wait
+
+    return _wait(timeout)
 
 
 def shutdown(*, wait: bool = True) -> None:

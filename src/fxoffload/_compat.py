@@ -70,3 +70,37 @@ def no_save_output_code() -> Iterator[None]:
         yield
     finally:
         GraphLowering.save_output_code = saved  # type: ignore[assignment]
+
+
+def write_fx_cache_entry(key: str, graph: Any, guards_expr: str | None, local: bool,
+                         remote_cache: Any) -> None:
+    """Write a compiled graph that arrived after ``_compile_fx_inner`` returned into the
+    FX graph cache under the key it computed: the tail of ``FxGraphCache._save_graph``,
+    for a graph already prepared for serialization (as every response's graph is)."""
+    import base64
+    import pickle
+
+    from torch._inductor.codecache import FxGraphCache
+
+    graph.guards_expr = guards_expr
+    content = pickle.dumps(graph)
+    if local:
+        FxGraphCache._write_to_local_cache(key, content)
+    if remote_cache:
+        remote_cache.put(key, {
+            "data": base64.b64encode(content).decode("ascii"),
+            "time_taken_ms": int((getattr(graph, "_time_taken_ns", None) or 0) // 1e6),
+        })
+
+
+def guards_expression(example_inputs: Any) -> str | None:
+    """What ``FxGraphCache._save_graph`` stores as the entry's guard, computed now, under
+    the tracing context (the compile itself finishes later)."""
+    from torch._inductor.codecache import FxGraphCache
+
+    shape_env = FxGraphCache._get_shape_env()
+    if shape_env is None:
+        return None
+    symints = FxGraphCache._filter_backed_symints(example_inputs)
+    guards = shape_env.get_pruned_guards(symints)
+    return shape_env.produce_guards_expression(placeholders=symints, guards=guards)

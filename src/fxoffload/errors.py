@@ -86,7 +86,9 @@ class RemoteCompileError(WorkerError):
 
     reason = "remote_compile_error"
 
-    def __init__(self, summary: str, remote_traceback: str) -> None:
+    def __init__(self, summary: str, remote_traceback: str, *,
+                 reason: str = "remote_compile_error") -> None:
+        self.reason = reason
         self.summary = summary
         self.remote_traceback = remote_traceback
         super().__init__(f"{summary}\n\n--- traceback in the worker ---\n{remote_traceback}")

@@ -30,21 +30,42 @@ _active: contextvars.ContextVar[Settings | None] = contextvars.ContextVar(
 _enabled_stack: list[Settings] = []
 _install_lock = threading.Lock()
 _original: Callable[..., Any] | None = None
+_original_save: Callable[..., Any] | None = None
 
 
 def install() -> None:
-    """Put ``_hook`` in place of Inductor's ``fx_codegen_and_compile`` (idempotent)."""
-    global _original
+    """Put ``_hook`` in place of Inductor's ``fx_codegen_and_compile`` and ``_save_graph``
+    in front of the FX graph cache's writer (idempotent)."""
+    global _original, _original_save
     with _install_lock:
         if _original is not None:
             return
         from torch._inductor import compile_fx
+        from torch._inductor.codecache import FxGraphCache
 
         from ._compat import check_supported
 
         check_supported()
         _original = compile_fx.fx_codegen_and_compile
+        _original_save = FxGraphCache._save_graph
         compile_fx.fx_codegen_and_compile = _hook
+        FxGraphCache._save_graph = staticmethod(_save_graph)  # type: ignore[method-assign]
+
+
+def _save_graph(key: str, compiled_graph: Any, example_inputs: Any, local: bool,
+                remote_cache: Any) -> None:
+    """A graph still compiling in the background is saved when it arrives, under the key
+    and guards computed now (see background.BackgroundOutput.defer_save)."""
+    from .background import BackgroundOutput
+
+    if isinstance(compiled_graph, BackgroundOutput):
+        from ._compat import guards_expression
+
+        compiled_graph.defer_save(key, guards_expression(example_inputs), local,
+                                  remote_cache)
+        return
+    assert _original_save is not None
+    _original_save(key, compiled_graph, example_inputs, local, remote_cache)
 
 
 def _hook(gm: Any, example_inputs: Any, inputs_to_check: Any,
@@ -91,7 +112,20 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
                           inner_compile=_with_settings(resolved, compile_fx_inner), **options)
 
     fxoffload_backend.settings = resolved  # type: ignore[attr-defined]
+    if resolved.background:
+        start_background(resolved)
     return fxoffload_backend
+
+
+def start_background(settings: Settings) -> None:
+    """Background modes start their workers now, while Dynamo traces, so the first
+    compile does not wait for them; and draw their progress line if asked to."""
+    from . import progress
+    from .executors import get_executor
+
+    if settings.show_progress:
+        progress.enable()
+    get_executor(settings).warmup(wait=False)
 
 
 def fxoffload_backend(gm: Any, example_inputs: Any, **options: Any) -> Any:
@@ -112,6 +146,8 @@ def enabled(settings: Settings | None = None, **kwargs: Any) -> Iterator[Setting
     if settings is None:
         settings = Settings.resolve(**kwargs)
     install()
+    if settings.background:
+        start_background(settings)
     _enabled_stack.append(settings)
     try:
         yield settings

@@ -7,7 +7,9 @@ response back into the ``OutputCode`` Inductor expects, and replay what the chil
 
 Anything that cannot cross, or fails on the other side, is compiled in-process instead
 (``on_failure="fallback"``, the default) and counted under a named reason, with one
-WARNING per reason; ``on_failure="raise"`` raises the typed error instead.
+WARNING per reason; ``"eager"`` runs the graph eagerly instead, and ``"raise"`` raises the
+typed error. Async and progressive modes hand over to ``background`` after the request
+is built.
 """
 
 from __future__ import annotations
@@ -77,58 +79,51 @@ def in_process(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     return scheme.codegen_and_compile(gm, example_inputs, inputs_to_check, graph_kwargs)
 
 
-def fall_back(reason: str, error: BaseException, *args: Any) -> Any:
+def note_failure(reason: str, error: BaseException, action: str) -> None:
+    """Count a failed offload under its reason; one WARNING per reason, then DEBUG."""
     if (tl := timeline.get()) is not None:
         tl.instant(f"fallback: {reason}", time.perf_counter(), error=str(error)[:500])
         tl.flush()
     if STATS.count_fallback(reason) == 1:
-        log.warning("fxoffload: compiling in-process instead (%s): %s", reason, error)
+        log.warning("fxoffload: %s (%s): %s", action, reason, error)
     else:
-        log.debug("fxoffload: compiling in-process instead (%s): %s", reason, error)
+        log.debug("fxoffload: %s (%s): %s", action, reason, error)
+
+
+def fall_back(reason: str, error: BaseException, *args: Any) -> Any:
+    note_failure(reason, error, "compiling in-process instead")
     return in_process(*args)
 
 
-def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-            inputs_to_check: Sequence[int], graph_kwargs: dict[str, Any],
-            compile_region_name: str | None) -> Any:
-    args = (gm, example_inputs, inputs_to_check, graph_kwargs, compile_region_name)
-    fake_mode = current_fake_mode(example_inputs)
-    t0 = time.perf_counter()
-    try:
-        check_offloadable(gm)
-        request = protocol.CompileRequest(
-            gm=gm, example_inputs=list(example_inputs), inputs_to_check=list(inputs_to_check),
-            graph_kwargs=dict(graph_kwargs),
-            tracing_context=torch._guards.TracingContext.try_get(),
-            compile_region_name=compile_region_name,
-            state=capture_state(fake_mode, gpu=_uses_gpu(example_inputs)),
-        )
-        data = protocol.encode_request(request, extra_imports=settings.worker_imports)
-    except NotOffloadable as e:
-        if settings.on_failure == "raise":
-            raise
-        return fall_back(e.reason, e, *args)
-    t1 = time.perf_counter()
+def build_request(settings: Settings, gm: torch.fx.GraphModule,
+                  example_inputs: Sequence[Any], inputs_to_check: Sequence[int],
+                  graph_kwargs: dict[str, Any], compile_region_name: str | None,
+                  fake_mode: Any) -> bytes:
+    """The request bytes for this compile, under the parent's current state and config;
+    ``NotOffloadable`` when it cannot cross."""
+    check_offloadable(gm)
+    request = protocol.CompileRequest(
+        gm=gm, example_inputs=list(example_inputs), inputs_to_check=list(inputs_to_check),
+        graph_kwargs=dict(graph_kwargs),
+        tracing_context=torch._guards.TracingContext.try_get(),
+        compile_region_name=compile_region_name,
+        state=capture_state(fake_mode, gpu=_uses_gpu(example_inputs)),
+    )
+    return protocol.encode_request(request, extra_imports=settings.worker_imports)
 
-    try:
-        raw = get_executor(settings).submit(data, timeout=settings.timeout).result()
-        t2 = time.perf_counter()
-        response = protocol.decode_response(raw, fake_mode)
-    except FxOffloadError as e:
-        if settings.on_failure == "raise":
-            raise
-        return fall_back(getattr(e, "reason", type(e).__name__), e, *args)
-    t3 = time.perf_counter()
 
-    foreign = response.pid != os.getpid()
-    replay(response, foreign=foreign)
+def check_response(response: protocol.CompileResponse) -> None:
+    """Raise the typed error a failed response carries."""
     if response.error is not None:
         reason, summary, tb = response.error
-        error = RemoteCompileError(summary, tb)
-        if settings.on_failure == "raise":
-            raise error
-        return fall_back(reason, error, *args)
+        raise RemoteCompileError(summary, tb, reason=reason)
 
+
+def install(response: protocol.CompileResponse, gm: torch.fx.GraphModule,
+            graph_kwargs: dict[str, Any], compile_region_name: str | None) -> Any:
+    """Replay what the child saw, then make its graph callable here."""
+    replay(response, foreign=response.pid != os.getpid())
+    check_response(response)
     from torch._inductor.output_code import CompiledFxGraph, CompiledFxGraphConstantsWithGm
 
     graph = response.graph
@@ -139,6 +134,33 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
         box = graph_kwargs.get(key)
         if box is not None and hasattr(box, "value"):
             box.value = value
+    return graph
+
+
+def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+            inputs_to_check: Sequence[int], graph_kwargs: dict[str, Any],
+            compile_region_name: str | None) -> Any:
+    args = (gm, example_inputs, inputs_to_check, graph_kwargs, compile_region_name)
+    fake_mode = current_fake_mode(example_inputs)
+    if settings.background:
+        from .background import compile_in_background
+
+        return compile_in_background(settings, fake_mode, *args)
+    t0 = time.perf_counter()
+    try:
+        data = build_request(settings, *args, fake_mode)
+    except NotOffloadable as e:
+        return handle_failure(settings, e.reason, e, args)
+    t1 = time.perf_counter()
+
+    try:
+        raw = get_executor(settings).submit(data, timeout=settings.timeout).result()
+        t2 = time.perf_counter()
+        response = protocol.decode_response(raw, fake_mode)
+        t3 = time.perf_counter()
+        graph = install(response, gm, graph_kwargs, compile_region_name)
+    except FxOffloadError as e:
+        return handle_failure(settings, getattr(e, "reason", type(e).__name__), e, args)
     t4 = time.perf_counter()
     if (tl := timeline.get()) is not None:
         _trace(tl, settings, gm, response, t0, t1, t2, t4)
@@ -147,6 +169,19 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
               transfer_s=max(0.0, (t2 - t1) - response.compile_s),
               deserialize_s=(t3 - t2) + (t4 - t3))
     return graph
+
+
+def handle_failure(settings: Settings, reason: str, error: FxOffloadError,
+                   args: tuple[Any, ...]) -> Any:
+    """Apply ``on_failure`` to a compile that could not be offloaded or came back failed."""
+    if settings.on_failure == "raise":
+        raise error
+    if settings.on_failure == "eager":
+        from .background import eager_output
+
+        note_failure(reason, error, "running the graph eagerly instead")
+        return eager_output(args[0])
+    return fall_back(reason, error, *args)
 
 
 def _trace(tl: timeline.Timeline, settings: Settings, gm: torch.fx.GraphModule,

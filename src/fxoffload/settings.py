@@ -5,7 +5,9 @@ import; ``Settings.resolve`` runs on first use."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,15 @@ from typing import Any
 from .errors import ConfigError
 
 BASE_MODES = ("inprocess", "serde", "capture", "subprocess")
-# Async and progressive wrap an out-of-process mode (see async_output); listed here so a
-# user learns about them from the error message.
+# Async and progressive run the graph eagerly while one of the executing modes compiles
+# it in the background (see background.py); "inprocess" has nothing to run in the
+# background.
 MODE_PREFIXES = ("async+", "progressive+")
-ON_FAILURE = ("fallback", "raise")
+ON_FAILURE = ("fallback", "eager", "raise")
+# Progressive: stock config first, then max-autotune; each stage is swapped in when done.
+DEFAULT_STAGES: tuple[dict[str, Any], ...] = ({}, {"max_autotune": True})
+# Background workers yield the CPU to the user's eager steps.
+BACKGROUND_NICE = 10
 
 
 def _default_workers() -> int:
@@ -35,7 +42,9 @@ class Settings:
     on_failure: str = "fallback"
     worker_imports: tuple[str, ...] = ()
     compile_threads: int | None = None
-    nice: int = 0
+    nice: int | None = None
+    stages: tuple[dict[str, Any], ...] | None = dataclasses.field(default=None, hash=False)
+    progress: bool | None = None
 
     @property
     def base_mode(self) -> str:
@@ -45,10 +54,38 @@ class Settings:
         return mode
 
     @property
+    def background(self) -> bool:
+        """Async or progressive: the graph runs eagerly until its compile arrives."""
+        return self.mode != self.base_mode
+
+    @property
+    def progressive(self) -> bool:
+        return self.mode.startswith("progressive+")
+
+    @property
+    def worker_nice(self) -> int:
+        if self.nice is not None:
+            return self.nice
+        return BACKGROUND_NICE if self.background else 0
+
+    @property
+    def config_stages(self) -> tuple[dict[str, Any], ...]:
+        """The Inductor config overrides compiled for each graph, in swap order."""
+        if not self.progressive:
+            return ({},)
+        return self.stages if self.stages is not None else DEFAULT_STAGES
+
+    @property
+    def show_progress(self) -> bool:
+        if self.progress is not None:
+            return self.progress
+        return self.background and sys.stderr.isatty()
+
+    @property
     def pool_key(self) -> tuple[Any, ...]:
         """Compiles whose settings share this key share one executor."""
-        return (self.base_mode, self.workers, self.compile_threads, self.nice,
-                self.worker_imports, self.startup_timeout)
+        return (self.base_mode, self.background, self.workers, self.compile_threads,
+                self.worker_nice, self.worker_imports, self.startup_timeout)
 
     @classmethod
     def resolve(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> Settings:
@@ -82,10 +119,10 @@ def _mode(value: Any, where: str) -> str:
             f"{where}={value!r} is not a mode; allowed: {', '.join(BASE_MODES)} "
             f"(optionally prefixed by {' or '.join(MODE_PREFIXES)})"
         )
-    if base != text:
+    if base != text and base == "inprocess":
         raise ConfigError(
-            f"{where}={value!r}: async and progressive modes are not available in this "
-            f"release; allowed: {', '.join(BASE_MODES)}"
+            f"{where}={value!r}: a background mode needs an executing mode to run the "
+            f"compile in; allowed after the prefix: serde, capture, subprocess"
         )
     return text
 
@@ -127,6 +164,41 @@ def _choice(allowed: tuple[str, ...]) -> Callable[[Any, str], str]:
     return parse
 
 
+def _bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{where}={value!r}; allowed: 1, 0, true, false")
+
+
+def _stages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
+    """A list of Inductor config overrides (JSON text in the environment)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where} is not JSON: {e}") from None
+    if isinstance(value, Mapping) or not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{where}={value!r} must be a non-empty list of dicts of "
+                          "Inductor config overrides, e.g. [{}, {\"max_autotune\": true}]")
+    from torch._inductor import config
+
+    known = set(config._config)
+    stages = []
+    for stage in value:
+        if not isinstance(stage, Mapping):
+            raise ConfigError(f"{where}: stage {stage!r} is not a dict")
+        unknown = sorted(set(stage) - known)
+        if unknown:
+            raise ConfigError(f"{where}: {unknown} are not torch._inductor.config keys")
+        stages.append(dict(stage))
+    return tuple(stages)
+
+
 def _path(value: Any, where: str) -> Path:
     return Path(value).expanduser()
 
@@ -150,4 +222,6 @@ _ENV: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "worker_imports": ("FXOFFLOAD_WORKER_IMPORTS", _modules),
     "compile_threads": ("FXOFFLOAD_COMPILE_THREADS", _positive_int),
     "nice": ("FXOFFLOAD_NICE", _int),
+    "stages": ("FXOFFLOAD_STAGES", _stages),
+    "progress": ("FXOFFLOAD_PROGRESS", _bool),
 }

@@ -25,6 +25,12 @@ class Snapshot:
     worker_starts: int
     worker_replacements: int
     worker_failures: MappingProxyType[str, int]
+    background_compiles: int  # compiles started behind an eagerly running graph
+    background_pending: int  # of those, not finished yet
+    eager_runs: int  # calls that ran a graph eagerly while its compile was pending
+    compiled_runs: int  # calls of a background-compiled graph after its swap
+    swaps: int  # compiled code swapped in (progressive: once per stage)
+    queue_wait_s: float  # time compiles waited for a free worker
 
     @property
     def fallback_count(self) -> int:
@@ -53,6 +59,13 @@ class Stats:
             self.worker_starts = 0
             self.worker_replacements = 0
             self.worker_failures: Counter[str] = Counter()
+            self.background_compiles = 0
+            # A gauge, not a counter: compiles in flight stay in flight across a reset.
+            self.background_pending = getattr(self, "background_pending", 0)
+            self.eager_runs = 0
+            self.compiled_runs = 0
+            self.swaps = 0
+            self.queue_wait_s = 0.0
 
     def add(self, **amounts: float) -> None:
         with self._lock:
@@ -83,6 +96,12 @@ class Stats:
                 worker_starts=self.worker_starts,
                 worker_replacements=self.worker_replacements,
                 worker_failures=MappingProxyType(dict(self.worker_failures)),
+                background_compiles=self.background_compiles,
+                background_pending=self.background_pending,
+                eager_runs=self.eager_runs,
+                compiled_runs=self.compiled_runs,
+                swaps=self.swaps,
+                queue_wait_s=self.queue_wait_s,
             )
 
 

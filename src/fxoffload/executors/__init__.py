@@ -22,7 +22,8 @@ _executors: dict[Any, Executor] = {}
 
 def get_executor(settings: Settings) -> Executor:
     mode = settings.base_mode
-    key: Any = settings.pool_key if mode == "subprocess" else (mode, str(settings.capture_dir))
+    key: Any = (settings.pool_key if mode == "subprocess"
+                else (mode, settings.background, str(settings.capture_dir)))
     with _lock:
         executor = _executors.get(key)
         if executor is None:
@@ -35,12 +36,12 @@ def _create(settings: Settings) -> Executor:
     if mode == "serde":
         from .inprocess import InProcessExecutor
 
-        return InProcessExecutor()
+        return InProcessExecutor(background=settings.background)
     if mode == "capture":
         from .capture import CaptureExecutor
 
         assert settings.capture_dir is not None
-        return CaptureExecutor(settings.capture_dir)
+        return CaptureExecutor(settings.capture_dir, background=settings.background)
     if mode == "subprocess":
         from .pool import WorkerPool
 

@@ -17,9 +17,9 @@ from .inprocess import InProcessExecutor
 class CaptureExecutor(Executor):
     name = "capture"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, background: bool = False) -> None:
         self.directory = Path(directory)
-        self._inner = InProcessExecutor()
+        self._inner = InProcessExecutor(background=background)
         self._seq = itertools.count()
         self.written: list[Path] = []
 
@@ -34,7 +34,15 @@ class CaptureExecutor(Executor):
         preamble, _ = split_request(request)
         stem = f"{os.getpid()}-{next(self._seq):04d}-{preamble.request_id}"
         self._write(self.directory / f"{stem}.request.fxo", request)
+        response_path = self.directory / f"{stem}.response.fxo"
+
+        def write_response(future: Future[bytes]) -> None:
+            if future.exception() is None:
+                self._write(response_path, future.result())
+
         future = self._inner.submit(request)
-        if future.exception() is None:
-            self._write(self.directory / f"{stem}.response.fxo", future.result())
+        future.add_done_callback(write_response)  # before the caller's callbacks run
         return future
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        self._inner.shutdown(wait=wait)

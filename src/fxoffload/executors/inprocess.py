@@ -1,20 +1,72 @@
-"""``serde``: the whole serialize → compile → serialize path, in the calling thread."""
+"""``serde``: the whole serialize → compile → serialize path in this process.
+
+Synchronous modes compile in the calling thread. Background modes (``async+serde``) need
+the call to return at once, so they compile on one daemon thread, one request at a time;
+that thread shares this process's Inductor config, so it is meant for tests and for
+debugging the boundary, not for speed."""
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from concurrent.futures import Future
 
 from ..child import compile_request
+from ..errors import PoolClosed
 from .base import Executor
+
+
+def _run(request: bytes, future: Future[bytes]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    future.started = time.perf_counter()  # type: ignore[attr-defined]
+    try:
+        future.set_result(compile_request(request, in_parent=True))
+    except BaseException as e:  # noqa: BLE001 - delivered through the future
+        future.set_exception(e)
 
 
 class InProcessExecutor(Executor):
     name = "serde"
 
+    def __init__(self, *, background: bool = False) -> None:
+        self._background = background
+        self._jobs: queue.SimpleQueue[tuple[bytes, Future[bytes]] | None] | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
     def submit(self, request: bytes, *, timeout: float | None = None) -> Future[bytes]:
         future: Future[bytes] = Future()
-        try:
-            future.set_result(compile_request(request, in_parent=True))
-        except BaseException as e:  # noqa: BLE001 - delivered through the future
-            future.set_exception(e)
+        if not self._background:
+            _run(request, future)
+            return future
+        with self._lock:
+            if self._closed:
+                future.set_exception(PoolClosed("the fxoffload executor was shut down"))
+                return future
+            if self._jobs is None:
+                self._jobs = queue.SimpleQueue()
+                threading.Thread(target=self._serve, args=(self._jobs,), daemon=True,
+                                 name="fxoffload-serde").start()
+            self._jobs.put((request, future))
         return future
+
+    def _serve(self, jobs: queue.SimpleQueue[tuple[bytes, Future[bytes]] | None]) -> None:
+        while (job := jobs.get()) is not None:
+            _run(*job)
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        with self._lock:
+            self._closed = True
+            jobs, self._jobs = self._jobs, None
+        if jobs is None:
+            return
+        while True:
+            try:
+                job = jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and job[1].set_running_or_notify_cancel():
+                job[1].set_exception(PoolClosed("the fxoffload executor was shut down"))
+        jobs.put(None)

@@ -63,7 +63,7 @@ class _Worker:
         env = dict(os.environ)
         env.pop("TORCHINDUCTOR_FX_COMPILE_MODE", None)  # no pool inside the pool
         env["FXOFFLOAD_PARENT_PID"] = str(os.getpid())
-        env["FXOFFLOAD_WORKER_NICE"] = str(settings.nice)
+        env["FXOFFLOAD_WORKER_NICE"] = str(settings.worker_nice)
         threads = settings.compile_threads or max(1, (os.cpu_count() or 1) // settings.workers)
         env["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
         try:
@@ -101,7 +101,10 @@ class _Worker:
                 f"({WorkerCrashed(self.pid, code, 'during start-up')}); {e}"
             ) from None
         self.ready = True
-        return float(pickle.loads(envelope.payload)["startup_s"])
+        info = pickle.loads(envelope.payload)
+        log.debug("fxoffload: worker pid %d ready in %.2f s %s", self.pid, info["startup_s"],
+                  info.get("phases", {}))
+        return float(info["startup_s"])
 
     def run(self, request: bytes, timeout: float) -> bytes:
         deadline = wire.Deadline(timeout)
@@ -294,6 +297,9 @@ class WorkerPool(Executor):
                     continue
             if not job.future.set_running_or_notify_cancel():
                 continue
+            # Read by background compiles for queue-wait stats and the timeline.
+            job.future.started = time.perf_counter()  # type: ignore[attr-defined]
+            job.future.worker_pid = worker.pid  # type: ignore[attr-defined]
             try:
                 job.future.set_result(worker.run(job.request, job.timeout))
             except WorkerError as e:

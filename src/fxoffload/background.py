@@ -1,0 +1,325 @@
+"""Async and progressive modes: the ``OutputCode`` that runs a graph eagerly while its
+compile runs elsewhere, and swaps the compiled code in when it arrives.
+
+    hook (FX cache miss) ─► one request per config stage ─► executor.submit (no wait)
+         │                                                        │ executor thread
+         ▼                                                        ▼
+    BackgroundOutput ◄─ newest finished stage ◄─ decode + deferred cache save (receiver)
+      __call__(args): install a finished stage if one is waiting, then run the
+      compiled code, or the FX graph itself under no_grad while nothing has arrived
+
+Everything that touches Inductor's runtime state (loading the compiled module, replaying
+logs and metrics, ``post_compile``) happens on the caller's thread, at the first call after
+a stage arrives; the receiver thread only decodes bytes and writes the cache entry, so
+the next process gets a hit even if this one never calls the graph again.
+
+Eager and compiled halves of a training graph can meet (an eager forward's saved tensors
+fed to a compiled backward, or the reverse), so the forward is compiled with the strides
+of *all* its outputs pinned to eager's (``pin_output_strides``): Inductor may not pad or
+re-layout tensors saved for backward, and the backward is compiled against eager strides.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch._inductor.output_code import OutputCode
+
+from . import offload, progress, protocol, timeline
+from ._compat import write_fx_cache_entry
+from .errors import FxOffloadError, NotOffloadable
+from .executors import get_executor
+from .settings import Settings
+from .tally import STATS
+
+log = logging.getLogger("fxoffload")
+
+_idle = threading.Condition()
+_POLICY_ACTIONS = {
+    "fallback": "compiling in-process at the graph's next call",
+    "eager": "running the graph eagerly from now on",
+    "raise": "raising at the graph's next call",
+}
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Block until no background compile is in flight; False if ``timeout`` ran out."""
+    with _idle:
+        return _idle.wait_for(lambda: STATS.background_pending == 0, timeout)
+
+
+def _started() -> None:
+    with _idle:
+        STATS.add(background_compiles=1, background_pending=1)
+    progress.update()
+
+
+def _finished() -> None:
+    with _idle:
+        STATS.add(background_pending=-1)
+        _idle.notify_all()
+    progress.update()
+
+
+def pin_output_strides(gm: torch.fx.GraphModule) -> None:
+    """Make Inductor keep eager's strides for every output (see the module docstring)."""
+    from torch.utils import _pytree as pytree
+
+    node = gm.graph.find_nodes(op="output")[0]
+    outputs = pytree.arg_tree_leaves(*node.args)
+    node.meta["user_visible_output_idxs"] = [
+        i for i, n in enumerate(outputs) if isinstance(n, torch.fx.Node)]
+
+
+def eager_output(gm: torch.fx.GraphModule) -> BackgroundOutput:
+    """An output that runs ``gm`` eagerly for good (``on_failure="eager"``)."""
+    return BackgroundOutput(None, gm, {}, None, None)
+
+
+class _Stage:
+    def __init__(self, index: int, overrides: dict[str, Any], request: bytes) -> None:
+        self.index = index
+        self.overrides = overrides
+        self.request = request
+        self.submitted = time.perf_counter()
+        self.response: protocol.CompileResponse | None = None
+
+
+class BackgroundOutput(OutputCode):
+    def __init__(self, settings: Settings | None, gm: torch.fx.GraphModule,
+                 graph_kwargs: dict[str, Any], compile_region_name: str | None,
+                 fake_mode: Any) -> None:
+        # An instance attribute: AOTAutograd's wrappers (functools.wraps) copy __dict__.
+        self._boxed_call = True
+        self._settings = settings
+        self._gm = gm
+        self._graph_kwargs = graph_kwargs
+        self._compile_region_name = compile_region_name
+        self._fake_mode = fake_mode
+        self._lock = threading.Lock()
+        self._compiled: Any = None
+        self._installed = -1  # index of the installed stage
+        self._ready: _Stage | None = None  # newest arrived stage, not installed yet
+        self._outstanding = 0
+        self._failure: tuple[str, FxOffloadError, _Stage] | None = None
+        self._post_compile: tuple[Any, Any, Any] | None = None
+        self._save: tuple[str, str | None, bool, Any] | None = None
+        self._first_stage: _Stage | None = None  # the one compiled under the parent's config
+
+    # -- OutputCode ---------------------------------------------------------------
+    def __call__(self, args: list[Any]) -> Any:
+        if self._ready is not None or self._failure is not None:
+            self._advance()
+        compiled = self._compiled
+        if compiled is not None:
+            STATS.add(compiled_runs=1)
+            return compiled(args)
+        STATS.add(eager_runs=1)
+        inputs = list(args)
+        args.clear()  # the boxed convention: the callee frees its inputs
+        with torch.no_grad():
+            return self._gm(*inputs)
+
+    def post_compile(self, example_inputs: Sequence[Any], constants: Any,
+                     graph_kwargs: Any) -> None:
+        # Runs at compile time, under the tracing context; the compiled graph's own
+        # post_compile runs at its swap. Reporting no output strides here keeps the
+        # backward compiled against eager strides (see pin_output_strides).
+        self._post_compile = (example_inputs, constants, graph_kwargs)
+
+    def set_triton_bundle(self, triton_bundle: Any) -> None:
+        # The kernels are compiled in the worker; this process's bundle is empty.
+        pass
+
+    def prepare_for_serialization(self) -> None:
+        raise NotImplementedError(
+            "a graph still compiling in the background cannot be serialized")
+
+    # -- background ---------------------------------------------------------------
+    def start(self, stage: _Stage) -> None:
+        assert self._settings is not None
+        if stage.index == 0:
+            self._first_stage = stage
+        with self._lock:
+            self._outstanding += 1
+        _started()
+        future = get_executor(self._settings).submit(stage.request,
+                                                     timeout=self._settings.timeout)
+        future.add_done_callback(lambda f: _receiver().put((self, stage, f)))
+
+    def defer_save(self, key: str, guards_expr: str | None, local: bool,
+                   remote_cache: Any) -> None:
+        """Called for ``FxGraphCache._save_graph``: write the entry once stage 0 arrives."""
+        with self._lock:
+            self._save = (key, guards_expr, local, remote_cache)
+            stage = self._first_stage
+            if stage is not None and stage.response is not None:
+                self._write_cache(stage.response)
+
+    def _receive(self, stage: _Stage, future: Any) -> None:
+        """On the receiver thread: decode; save stage 0 to the caches; offer it."""
+        started = getattr(future, "started", stage.submitted)
+        try:
+            raw = future.result()
+            t0 = time.perf_counter()
+            response = protocol.decode_response(raw, self._fake_mode)
+            offload.check_response(response)
+        except FxOffloadError as e:
+            self._stage_failed(stage, e)
+            _finished()
+            return
+        except BaseException as e:  # a receiver must not die
+            log.exception("fxoffload: unexpected failure receiving a compile: %s", e)
+            with self._lock:
+                self._outstanding -= 1
+            _finished()
+            return
+        t1 = time.perf_counter()
+        STATS.add(graphs_offloaded=1, bytes_sent=len(stage.request),
+                  bytes_received=len(raw), compile_s=response.compile_s,
+                  queue_wait_s=max(0.0, started - stage.submitted),
+                  deserialize_s=t1 - t0)
+        with self._lock:
+            self._outstanding -= 1
+            stage.response = response
+            if stage.index == 0 and self._save is not None:
+                self._write_cache(response)
+            if stage.index > self._installed and (
+                    self._ready is None or stage.index > self._ready.index):
+                self._ready = stage
+        if (tl := timeline.get()) is not None:
+            pid = getattr(future, "worker_pid", response.pid)
+            name = f"graph {id(self) % 10000:04d} stage {stage.index}"
+            tl.span(f"queue {name}", stage.submitted, started, track=0, track_name="parent")
+            tl.span(f"compile {name}", t0 - response.compile_s, t0, track=pid,
+                    track_name=f"worker {pid}")
+            tl.span(f"decode {name}", t0, t1, track=2, track_name="receiver")
+            tl.flush()
+        _finished()
+
+    def _stage_failed(self, stage: _Stage, error: FxOffloadError) -> None:
+        """Count the failure now; ``on_failure`` applies only once no stage is left that
+        could still bring compiled code."""
+        assert self._settings is not None
+        reason = getattr(error, "reason", type(error).__name__)
+        with self._lock:
+            self._outstanding -= 1
+            if self._installed >= 0 or self._ready is not None:
+                action = f"stage {stage.index} failed; the previous stage keeps running"
+            elif self._outstanding > 0:
+                action = f"stage {stage.index} failed; waiting for the later stages"
+            else:
+                action = _POLICY_ACTIONS[self._settings.on_failure]
+                self._failure = (reason, error, self._first_stage or stage)
+        offload.note_failure(reason, error, action)
+
+    def _write_cache(self, response: protocol.CompileResponse) -> None:
+        assert self._save is not None
+        key, guards_expr, local, remote_cache = self._save
+        self._save = None
+        try:
+            write_fx_cache_entry(key, response.graph, guards_expr, local, remote_cache)
+        except Exception as e:  # noqa: BLE001 - a cache write never costs the user a step
+            log.warning("fxoffload: could not save a background compile to the FX graph "
+                        "cache: %s", e)
+
+    def _advance(self) -> None:
+        """On the caller's thread: install the newest stage, or apply ``on_failure``."""
+        with self._lock:
+            stage, self._ready = self._ready, None
+            failure = self._failure if stage is None and self._compiled is None else None
+            self._failure = None
+        if stage is not None:
+            assert stage.response is not None
+            try:
+                graph = offload.install(stage.response, self._gm, self._graph_kwargs,
+                                        self._compile_region_name)
+                if self._post_compile is not None:
+                    graph.post_compile(*self._post_compile)
+            except FxOffloadError as e:
+                offload.note_failure(getattr(e, "reason", "install_failed"), e,
+                                     f"stage {stage.index} could not be installed")
+                return
+            self._compiled = graph
+            self._installed = stage.index
+            STATS.add(swaps=1)
+            if (tl := timeline.get()) is not None:
+                tl.instant(f"swap graph {id(self) % 10000:04d} stage {stage.index}",
+                           time.perf_counter())
+                tl.flush()
+        elif failure is not None:
+            self._apply_policy(*failure)
+
+    def _apply_policy(self, reason: str, error: FxOffloadError, stage: _Stage) -> None:
+        assert self._settings is not None
+        policy = self._settings.on_failure
+        if policy == "raise":
+            raise error
+        if policy == "eager":
+            return
+        from .child import compile_request
+
+        try:  # the serde path: the same request, compiled on this thread
+            stage.response = protocol.decode_response(
+                compile_request(stage.request, in_parent=True), self._fake_mode)
+        except FxOffloadError as e:
+            offload.note_failure(getattr(e, "reason", "fallback_failed"), e,
+                                 "the in-process compile failed too; running eagerly")
+            return
+        with self._lock:
+            self._ready = stage
+        self._advance()
+
+
+def compile_in_background(settings: Settings, fake_mode: Any, gm: torch.fx.GraphModule,
+                          example_inputs: Sequence[Any], inputs_to_check: Sequence[int],
+                          graph_kwargs: dict[str, Any],
+                          compile_region_name: str | None) -> OutputCode:
+    from torch._inductor import config
+
+    args = (gm, example_inputs, inputs_to_check, graph_kwargs, compile_region_name)
+    pin_output_strides(gm)
+    stages = []
+    t0 = time.perf_counter()
+    try:
+        for index, overrides in enumerate(settings.config_stages):
+            with config.patch(overrides):
+                request = offload.build_request(settings, *args, fake_mode)
+            stages.append(_Stage(index, overrides, request))
+    except NotOffloadable as e:
+        return offload.handle_failure(settings, e.reason, e, args)
+    STATS.add(serialize_s=time.perf_counter() - t0)
+    output = BackgroundOutput(settings, gm, graph_kwargs, compile_region_name, fake_mode)
+    for stage in stages:
+        output.start(stage)
+    return output
+
+
+# -- the receiver thread -----------------------------------------------------------------
+_receiver_lock = threading.Lock()
+_receiver_queue: Any = None
+
+
+def _receiver() -> Any:
+    """A queue served by one daemon thread, started on first use: decoding is kept off the
+    executor's threads, which go on to the next compile at once."""
+    global _receiver_queue
+    with _receiver_lock:
+        if _receiver_queue is None:
+            import queue
+
+            _receiver_queue = queue.SimpleQueue()
+            threading.Thread(target=_serve, args=(_receiver_queue,), daemon=True,
+                             name="fxoffload-receiver").start()
+        return _receiver_queue
+
+
+def _serve(jobs: Any) -> None:
+    while True:
+        output, stage, future = jobs.get()
+        output._receive(stage, future)
