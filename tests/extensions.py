@@ -117,3 +117,23 @@ class Misbehave(CustomGraphPass):
 
     def uuid(self) -> bytes:
         return f"fxoffload-test-misbehave-{self.how}".encode()
+
+
+class WaitsForFile(CustomGraphPass):
+    """In a worker: blocks the compile until ``path`` exists (at most 120 s), so a test
+    decides when background compiles may finish. In-process it does nothing."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if "FXOFFLOAD_PARENT_PID" not in os.environ:
+            return
+        import time
+
+        deadline = time.monotonic() + 120
+        while not os.path.exists(self.path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def uuid(self) -> bytes:
+        return f"fxoffload-test-waits-for-{self.path}".encode()

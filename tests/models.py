@@ -104,3 +104,16 @@ def transformers_model(name: str, device: str = "cpu") -> tuple[nn.Module, Calla
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     return model, lambda: {"input_ids": ids}
+
+
+class OddWidth(nn.Module):
+    """A hidden width (33) that Inductor pads when padding is on: its saved activations
+    get strides eager would not give them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(16, 33)
+        self.down = nn.Linear(33, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.sin(self.up(x)) * 2)

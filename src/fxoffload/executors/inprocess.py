@@ -7,6 +7,7 @@ debugging the boundary, not for speed."""
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
@@ -35,6 +36,7 @@ class InProcessExecutor(Executor):
         self._jobs: queue.SimpleQueue[tuple[bytes, Future[bytes]] | None] | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._thread: threading.Thread | None = None
 
     def submit(self, request: bytes, *, timeout: float | None = None) -> Future[bytes]:
         future: Future[bytes] = Future()
@@ -47,8 +49,12 @@ class InProcessExecutor(Executor):
                 return future
             if self._jobs is None:
                 self._jobs = queue.SimpleQueue()
-                threading.Thread(target=self._serve, args=(self._jobs,), daemon=True,
-                                 name="fxoffload-serde").start()
+                self._thread = threading.Thread(target=self._serve, args=(self._jobs,),
+                                                daemon=True, name="fxoffload-serde")
+                self._thread.start()
+                # A compile killed mid-way by interpreter teardown aborts the process
+                # from C++; at exit, pending jobs are dropped and the current one ends.
+                atexit.register(self.shutdown)
             self._jobs.put((request, future))
         return future
 
@@ -70,3 +76,5 @@ class InProcessExecutor(Executor):
             if job is not None and job[1].set_running_or_notify_cancel():
                 job[1].set_exception(PoolClosed("the fxoffload executor was shut down"))
         jobs.put(None)
+        if wait and self._thread is not None:
+            self._thread.join()
