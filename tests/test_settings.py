@@ -32,12 +32,32 @@ def test_environment() -> None:
     ("FXOFFLOAD_TIMEOUT", "-1", ["FXOFFLOAD_TIMEOUT", "seconds"]),
     ("FXOFFLOAD_ON_FAILURE", "ignore", ["FXOFFLOAD_ON_FAILURE", "fallback", "raise"]),
     ("FXOFFLOAD_WORKER_IMPORTS", "not a module", ["FXOFFLOAD_WORKER_IMPORTS"]),
+    ("FXOFFLOAD_MODE", "async+inprocess", ["FXOFFLOAD_MODE", "serde, capture, subprocess"]),
+    ("FXOFFLOAD_MODE", "async+fast", ["FXOFFLOAD_MODE", "async+"]),
+    ("FXOFFLOAD_STAGES", "[{}, {\"max_autotun\": true}]", ["FXOFFLOAD_STAGES", "max_autotun"]),
+    ("FXOFFLOAD_STAGES", "{}", ["FXOFFLOAD_STAGES", "list"]),
+    ("FXOFFLOAD_STAGES", "[{", ["FXOFFLOAD_STAGES", "JSON"]),
+    ("FXOFFLOAD_PROGRESS", "maybe", ["FXOFFLOAD_PROGRESS"]),
 ])
 def test_invalid_environment_is_named(var: str, value: str, words: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
         Settings.resolve({var: value})
     for word in words:
         assert word in str(info.value)
+
+
+def test_background_modes() -> None:
+    s = Settings.resolve({"FXOFFLOAD_MODE": "progressive+subprocess",
+                          "FXOFFLOAD_STAGES": '[{}, {"max_autotune": true}]',
+                          "FXOFFLOAD_ON_FAILURE": "eager", "FXOFFLOAD_PROGRESS": "0"})
+    assert s.background and s.progressive and s.base_mode == "subprocess"
+    assert s.config_stages == ({}, {"max_autotune": True})
+    assert s.on_failure == "eager" and s.show_progress is False
+    assert s.worker_nice > 0  # background workers yield to the user's steps
+    a = Settings.resolve({}, mode="async+serde")
+    assert a.background and not a.progressive and a.config_stages == ({},)
+    assert Settings.resolve({}, mode="subprocess").worker_nice == 0
+    assert Settings.resolve({}, mode="async+subprocess", nice=3).worker_nice == 3
 
 
 def test_invalid_keyword() -> None:

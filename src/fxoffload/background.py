@@ -212,7 +212,7 @@ class BackgroundOutput(OutputCode):
             if self._installed >= 0 or self._ready is not None:
                 action = f"stage {stage.index} failed; the previous stage keeps running"
             elif self._outstanding > 0:
-                action = f"stage {stage.index} failed; waiting for the later stages"
+                action = f"stage {stage.index} failed; other stages are still compiling"
             else:
                 action = _POLICY_ACTIONS[self._settings.on_failure]
                 self._failure = (reason, error, self._first_stage or stage)
