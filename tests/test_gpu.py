@@ -139,3 +139,72 @@ def test_worker_triton_kernels_reach_the_parents_cache_entry(tmp_path: Any) -> N
     assert second["inductor"].get("fxgraph_cache_hit", 0) == 1
     assert second["inductor"].get("triton_bundler_read_and_emit_kernel", 0) == saved
     assert second["sum"] == first["sum"]
+
+
+def test_async_eager_forward_meets_compiled_backward_with_padding(tmp_path: Any) -> None:
+    """On a GPU Inductor pads tensors saved for backward; async pins them to eager's
+    strides, so eager and compiled halves of a training step fit together either way."""
+    from extensions import WaitsForFile
+    from models import OddWidth
+
+    torch.manual_seed(0)
+    stock = OddWidth().cuda()
+    ours = copy.deepcopy(stock)
+    x = torch.randn(8, 16, device="cuda")
+    for _ in range(2):
+        stock(x).pow(2).mean().backward()
+    gate = tmp_path / "release"
+    with torch._inductor.config.patch(post_grad_custom_post_pass=WaitsForFile(str(gate)),
+                                      padding_stride_threshold=1):
+        compiled = torch.compile(ours, backend=fxoffload.backend(
+            **settings_for("async+subprocess")))
+        out_a, out_b = compiled(x), compiled(x)  # eager forwards
+        out_a.pow(2).mean().backward()  # eager backward
+    gate.touch()
+    assert fxoffload.wait(300)
+    out_b.pow(2).mean().backward()  # compiled backward, saved tensors from eager
+    ours_grads = [p.grad.clone() for p in ours.parameters()]
+    for p, q in zip(ours_grads, [q.grad for q in stock.parameters()], strict=True):
+        torch.testing.assert_close(p, q)
+    ours.zero_grad()
+    stock.zero_grad()
+    compiled(x).pow(2).mean().backward()  # compiled forward and backward
+    stock(x).pow(2).mean().backward()
+    for p, q in zip(ours.parameters(), stock.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    snap = fxoffload.stats()
+    assert snap.swaps == 2 and snap.fallback_count == 0, snap
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_async_transformers_training(name: str) -> None:
+    """First step eager with no compile in this process, later steps compiled in a worker;
+    each equals stock torch.compile's step."""
+    pytest.importorskip("transformers")
+    from models import transformers_model
+
+    torch.manual_seed(0)
+    stock, inputs = transformers_model(name, "cuda")
+    ours = copy.deepcopy(stock)
+    batch = inputs()
+
+    def step(f: Any) -> list[torch.Tensor]:
+        f.zero_grad()
+        logits = f(**batch).logits
+        logits.float().pow(2).mean().backward()
+        return [logits.detach()] + [p.grad for p in f.parameters() if p.grad is not None]
+
+    torch.manual_seed(1234)
+    expected = step(torch.compile(stock.eval()))
+    compiled = torch.compile(ours.eval(), backend=fxoffload.backend(
+        **settings_for("async+subprocess")))
+    for phase in ("eager", "compiled"):
+        torch.manual_seed(1234)
+        got = step(compiled)
+        for o, s in zip(got, expected, strict=True):
+            torch.testing.assert_close(o, s, atol=2e-3, rtol=2e-3)
+        if phase == "eager":
+            assert fxoffload.stats().eager_runs >= 2 and fxoffload.stats().swaps == 0
+            assert fxoffload.wait(600)
+    snap = fxoffload.stats()
+    assert snap.swaps >= 2 and snap.compiled_runs >= 2 and snap.fallback_count == 0, snap
