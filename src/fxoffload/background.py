@@ -32,7 +32,7 @@ from torch._inductor.output_code import OutputCode
 
 from . import offload, progress, protocol, timeline
 from ._compat import write_fx_cache_entry
-from .errors import FxOffloadError, NotOffloadable
+from .errors import FxOffloadError, NotOffloadable, PoolClosed
 from .executors import get_executor
 from .settings import Settings
 from .tally import STATS
@@ -155,6 +155,7 @@ class BackgroundOutput(OutputCode):
     def defer_save(self, key: str, guards_expr: str | None, local: bool,
                    remote_cache: Any) -> None:
         """Called for ``FxGraphCache._save_graph``: write the entry once stage 0 arrives."""
+        self.guards_expr = guards_expr  # AOTAutograd's cache entry reads it
         with self._lock:
             self._save = (key, guards_expr, local, remote_cache)
             stage = self._first_stage
@@ -169,6 +170,12 @@ class BackgroundOutput(OutputCode):
             t0 = time.perf_counter()
             response = protocol.decode_response(raw, self._fake_mode)
             offload.check_response(response)
+        except PoolClosed as e:  # shutdown or interpreter exit: nothing to report
+            log.debug("fxoffload: background compile abandoned: %s", e)
+            with self._lock:
+                self._outstanding -= 1
+            _finished()
+            return
         except FxOffloadError as e:
             self._stage_failed(stage, e)
             _finished()
@@ -247,6 +254,11 @@ class BackgroundOutput(OutputCode):
                 return
             self._compiled = graph
             self._installed = stage.index
+            with self._lock:
+                if self._outstanding == 0 and self._ready is None:
+                    # Nothing can replace this code any more: the eager graph and the
+                    # requests (kept for a fallback compile) are not needed.
+                    self._first_stage = None
             STATS.add(swaps=1)
             if (tl := timeline.get()) is not None:
                 tl.instant(f"swap graph {id(self) % 10000:04d} stage {stage.index}",
