@@ -197,3 +197,12 @@ def test_crash_table(how: str, reason: str | None, words: str, caplog: Any) -> N
     else:
         assert set(fallbacks) <= {"worker_crashed", "remote_compile_error"}
     _pool()  # a replacement (if one was needed) becomes ready
+
+
+def test_eager_policy_runs_the_graph_eagerly() -> None:
+    _pool()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=FailsInWorker()):
+        _compile_and_check(on_failure="eager")
+    snap = fxoffload.stats()
+    assert dict(snap.fallbacks) == {"remote_compile_error": snap.fallback_count}
+    assert snap.eager_runs == 1 and snap.graphs_offloaded == 0
