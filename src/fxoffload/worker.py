@@ -1,13 +1,15 @@
 """Worker process main: ``python -m fxoffload.worker REQUEST_FD RESPONSE_FD``.
 
-Started by ``executors.pool``. It imports torch, warms Inductor up with one tiny compile,
-sends READY, then serves requests one at a time until SHUTDOWN or the end of its input
-pipe. Its stdout is pointed at its stderr, so nothing a compiler prints can reach the
-channel, and it exits on its own within a second of its parent's death.
+Started by ``executors.pool``. It imports torch, warms Inductor up with one tiny compile
+(on CUDA when a GPU is present, on CPU otherwise), sends READY, then serves requests one at
+a time until SHUTDOWN or the end of its input pipe. Its stdout is pointed at its stderr, so
+nothing a compiler prints can reach the channel, and it exits on its own within a second of
+its parent's death.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sys
@@ -24,9 +26,11 @@ def _watch_parent(parent: int) -> None:
         time.sleep(0.25)
 
 
-def _warm_up() -> None:
-    """One tiny compile per device type, so imports, the C++/Triton toolchains and
-    Inductor's own compile pools are warm before the first real job."""
+def _warm_up(phases: dict[str, float]) -> None:
+    """One tiny compile (on CUDA when a GPU is present, on CPU otherwise), so imports,
+    the Triton (or C++) toolchain and Inductor's own compile pools are warm before the
+    first real job. Seconds per phase go into ``phases`` (sent with READY, logged by the
+    pool at DEBUG)."""
     import torch
     from torch._inductor import config
 
@@ -35,19 +39,50 @@ def _warm_up() -> None:
 
     import logging
 
+    warm_cuda = (os.environ.get("FXOFFLOAD_WARM_CUDA", "1") == "1"
+                 and torch.cuda.is_available())
+    # The CPU warm-up compile is skipped when the CUDA one runs (FXOFFLOAD_WARM_CPU=1
+    # forces it): on an H100 machine it took 58-64 s of a 75 s start-up (the C++
+    # toolchain's first compile), and a GPU model's graphs do not use it; the CUDA
+    # warm-up alone warms Dynamo, AOTAutograd, Inductor and Triton (bench/worker_startup.py).
+    warm_cpu = os.environ.get("FXOFFLOAD_WARM_CPU", "0" if warm_cuda else "1") == "1"
+
     # The warm-up is ours, not the user's: nothing of it may reach their logs (TORCH_LOGS
     # is inherited). Real compiles log through the parent (see state.captured_logs).
     logging.disable(logging.CRITICAL)
     try:
         with config.patch(fx_graph_cache=False):
-            torch.compile(f, backend="inductor", fullgraph=True)(torch.randn(8, 8))
-            if torch.cuda.is_available() and os.environ.get("FXOFFLOAD_WARM_CUDA", "1") == "1":
+            if warm_cpu:
+                t = time.perf_counter()
+                torch.compile(f, backend="inductor", fullgraph=True)(torch.randn(8, 8))
+                torch._dynamo.reset()
+                phases["warm_cpu_s"] = time.perf_counter() - t
+            if warm_cuda:
                 # CUDA context, Triton, ptxas probing and Inductor's Triton compile pool
                 # would otherwise land on the first real GPU compile.
+                t = time.perf_counter()
+                x = torch.randn(8, 8, device="cuda")
+                torch.cuda.synchronize()
+                phases["cuda_init_s"] = time.perf_counter() - t
+                t = time.perf_counter()
+                torch.compile(f, backend="inductor", fullgraph=True)(x)
+                torch.cuda.synchronize()
                 torch._dynamo.reset()
-                torch.compile(f, backend="inductor", fullgraph=True)(
-                    torch.randn(8, 8, device="cuda"))
-        torch._dynamo.reset()
+                phases["warm_cuda_s"] = time.perf_counter() - t
+        if os.environ.get("FXOFFLOAD_WARM_WAIT_POOL", "0") == "1":
+            # Wait until Inductor's compile-process pool answers, so the first real
+            # compile does not compile its kernels in this process while it starts.
+            t = time.perf_counter()
+            with contextlib.suppress(Exception):
+                from torch._inductor.async_compile import AsyncCompile
+
+                AsyncCompile.wait_pool_ready()
+            phases["wait_pool_s"] = time.perf_counter() - t
+        with contextlib.suppress(Exception):
+            from torch._inductor.async_compile import AsyncCompile
+
+            ready = AsyncCompile._ready_future
+            phases["pool_ready"] = float(ready is not None and ready.done())
     finally:
         logging.disable(logging.NOTSET)
 
@@ -66,11 +101,13 @@ def main(argv: list[str]) -> int:
 
     start = time.perf_counter()
     from . import wire
-    from .child import compile_request
+    from .child import compile_request  # imports torch
 
+    phases: dict[str, float] = {"import_s": time.perf_counter() - start}
     if os.environ.get("FXOFFLOAD_WORKER_WARMUP", "1") == "1":
-        _warm_up()
-    ready = pickle.dumps({"pid": os.getpid(), "startup_s": time.perf_counter() - start})
+        _warm_up(phases)
+    ready = pickle.dumps({"pid": os.getpid(), "startup_s": time.perf_counter() - start,
+                          "phases": phases})
     wire.write_all(response_fd, wire.encode(wire.Kind.READY, ready), wire.Deadline(None))
 
     while True:
