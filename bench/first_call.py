@@ -105,11 +105,15 @@ def child_env(config: str, cache_root: Path) -> dict[str, str]:
         env["TORCHINDUCTOR_FX_COMPILE_MODE"] = mode
     env["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root / "inductor")
     env["TRITON_CACHE_DIR"] = str(cache_root / "triton")
+    # The child runs in its cache directory: a relative PYTHONPATH entry (PYTHONPATH=src)
+    # would not resolve there, so make them absolute.
+    path = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     # Run from source if fxoffload is not installed in this interpreter.
     src = HERE.parent / "src"
     if importlib.util.find_spec("fxoffload") is None and (src / "fxoffload").is_dir():
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(src), *filter(None, [env.get("PYTHONPATH")])])
+        path.insert(0, str(src))
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(path)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
