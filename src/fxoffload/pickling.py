@@ -77,6 +77,22 @@ def dumps(obj: Any, recorder: OpRecorder) -> bytes:
         raise NotOffloadable("unpicklable", f"{type(e).__name__}: {e}") from None
 
 
+def share_stack_traces(gm: Any) -> None:
+    """Make equal ``stack_trace`` strings one object, so pickle's memo writes each once.
+    A layer repeated N times repeats its traces N times: on GPT-2 (12 layers) 739 traces
+    are 45 distinct strings, and 1.2 MB of a 1.8 MB request."""
+    import sys
+
+    import torch
+
+    for module in gm.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                trace = node.meta.get("stack_trace")
+                if isinstance(trace, str):
+                    node.meta["stack_trace"] = sys.intern(trace)
+
+
 def loads(data: bytes, fake_mode: Any) -> Any:
     from torch.fx._graph_pickler import GraphPickler
 

@@ -87,6 +87,7 @@ def summarize(gm: torch.fx.GraphModule, example_inputs: list[Any],
 
 def encode_request(request: CompileRequest, *, extra_imports: tuple[str, ...] = ()) -> bytes:
     recorder = pickling.OpRecorder()
+    pickling.share_stack_traces(request.gm)
     body = pickling.dumps(request, recorder)
     inductor_dir, triton_dir = _cache_dirs()
     preamble = Preamble(
