@@ -136,10 +136,7 @@ class _Worker:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.send_signal(signal.SIGKILL)
         code = self.proc.wait()
-        # A compiler the worker started (g++, Inductor's compile pool) must not outlive it
-        # and keep writing into the cache while the parent compiles the same graph.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+        _drain_group(self.pid)
         for fd in (self.req_w, self.resp_r):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -156,6 +153,53 @@ class _Worker:
             except subprocess.TimeoutExpired:
                 pass
         self.kill()
+
+
+# How long what a dead worker started may take to finish before it is killed.
+GROUP_DRAIN_S = 30.0
+
+
+def _drain_group(pgid: int) -> None:
+    """Let what a dead worker started (its process group: g++, ld, Inductor's compile
+    pool) finish, SIGKILL whatever is still there after ``GROUP_DRAIN_S``, and return only
+    once all of it is gone, so that nothing of the worker writes into the cache while the
+    parent compiles the same graph. Killing the group at once is worse: a linker killed
+    while it writes leaves a truncated ``.so`` at its final path in the shared Inductor
+    cache, and Inductor, which only checks that the file exists, loads it: the in-process
+    fallback, and every later compile of that kernel with that cache, fails ("file too
+    short"). SIGTERM does not help (ld leaves the file too). In-flight compiles finish in
+    seconds; Inductor's compile pool exits with the worker."""
+    deadline = time.monotonic() + GROUP_DRAIN_S
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group is alive. Zombies count for ``killpg`` (an orphan
+    waits for whoever adopted it to reap it), so on Linux look for a live member."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    state, _, group = f.read().rsplit(")", 1)[1].split()[:3]
+            except (OSError, IndexError, ValueError):
+                continue
+            if group == str(pgid) and state not in ("Z", "X"):
+                return True
+    return False
 
 
 class _CorruptResponse(WorkerError):
