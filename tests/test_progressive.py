@@ -73,7 +73,9 @@ def test_failed_stage_keeps_the_previous_one(caplog: Any) -> None:
         for _ in range(2):
             torch.testing.assert_close(compiled(x), torch.relu(model.fc(x)))
     snap = fxoffload.stats()
-    assert snap.swaps == 1 and snap.compiled_runs == 2
+    # A warm worker can return stage 0 before the first call, which then runs compiled.
+    assert snap.swaps == 1 and snap.eager_runs + snap.compiled_runs == 3, snap
+    assert snap.compiled_runs >= 2, snap
     assert dict(snap.fallbacks) == {"remote_compile_error": 1}
     assert "stage 1 failed" in caplog.text
 
