@@ -120,16 +120,22 @@ class Misbehave(CustomGraphPass):
 
 
 class WaitsForFile(CustomGraphPass):
-    """In a worker: blocks the compile until ``path`` exists (at most 120 s), so a test
-    decides when background compiles may finish. In-process it does nothing."""
+    """In a worker (and, with ``serde_thread=True``, on ``async+serde``'s compile thread):
+    blocks the compile until ``path`` exists (at most 120 s), so a test decides when
+    background compiles may finish. In the caller's own compiles it does nothing."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, serde_thread: bool = False) -> None:
         self.path = path
+        self.serde_thread = serde_thread
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        if "FXOFFLOAD_PARENT_PID" not in os.environ:
-            return
+        import threading
         import time
+
+        in_serde_thread = threading.current_thread().name == "fxoffload-serde"
+        if "FXOFFLOAD_PARENT_PID" not in os.environ and not (
+                self.serde_thread and in_serde_thread):
+            return
 
         deadline = time.monotonic() + 120
         while not os.path.exists(self.path) and time.monotonic() < deadline:
