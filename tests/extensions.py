@@ -21,6 +21,21 @@ def _(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+THREADS_SEEN: list[int] = []
+
+
+@torch.library.custom_op("fxoffload_test::record_threads", mutates_args=())
+def record_threads(x: torch.Tensor) -> torch.Tensor:
+    """The identity, noting the intra-op thread count of whoever runs the graph."""
+    THREADS_SEEN.append(torch.get_num_threads())
+    return x.clone()
+
+
+@record_threads.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 class ReluToSigmoidWarn(CustomGraphPass):
     """Rewrites relu to sigmoid (so the generated code shows whether it ran), and warns
     and logs from wherever it runs, naming the pid."""

@@ -13,6 +13,9 @@ logs and metrics, ``post_compile``) happens on the caller's thread, at the first
 a stage arrives; the receiver thread only decodes bytes and writes the cache entry, so
 the next process gets a hit even if this one never calls the graph again.
 
+While compiles run in worker processes on this machine, a graph on the CPU runs its eager
+stand-in with fewer intra-op threads (``cpu_threads``).
+
 Eager and compiled halves of a training graph can meet (an eager forward's saved tensors
 fed to a compiled backward, or the reverse), so the forward is compiled with the strides
 of *all* its outputs pinned to eager's (``pin_output_strides``): Inductor may not pad or
@@ -21,6 +24,7 @@ re-layout tensors saved for backward, and the backward is compiled against eager
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -30,7 +34,7 @@ from typing import Any
 import torch
 from torch._inductor.output_code import OutputCode
 
-from . import offload, progress, protocol, timeline
+from . import cpu_threads, offload, progress, protocol, timeline
 from ._compat import write_fx_cache_entry
 from .errors import FxOffloadError, NotOffloadable, PoolClosed
 from .executors import get_executor
@@ -78,7 +82,7 @@ def pin_output_strides(gm: torch.fx.GraphModule) -> None:
 
 def eager_output(gm: torch.fx.GraphModule) -> BackgroundOutput:
     """An output that runs ``gm`` eagerly for good (``on_failure="eager"``)."""
-    return BackgroundOutput(None, gm, {}, None, None)
+    return BackgroundOutput(None, gm, {}, None, None, on_cpu=False)
 
 
 class _Stage:
@@ -93,7 +97,7 @@ class _Stage:
 class BackgroundOutput(OutputCode):
     def __init__(self, settings: Settings | None, gm: torch.fx.GraphModule,
                  graph_kwargs: dict[str, Any], compile_region_name: str | None,
-                 fake_mode: Any) -> None:
+                 fake_mode: Any, *, on_cpu: bool) -> None:
         # An instance attribute: AOTAutograd's wrappers (functools.wraps) copy __dict__.
         self._boxed_call = True
         self._settings = settings
@@ -101,6 +105,7 @@ class BackgroundOutput(OutputCode):
         self._graph_kwargs = graph_kwargs
         self._compile_region_name = compile_region_name
         self._fake_mode = fake_mode
+        self._on_cpu = on_cpu
         self._lock = threading.Lock()
         self._compiled: Any = None
         self._installed = -1  # index of the installed stage
@@ -122,7 +127,8 @@ class BackgroundOutput(OutputCode):
         STATS.add(eager_runs=1)
         inputs = list(args)
         args.clear()  # the boxed convention: the callee frees its inputs
-        with torch.no_grad():
+        threads = cpu_threads.beside_workers() if self._on_cpu else contextlib.nullcontext()
+        with torch.no_grad(), threads:
             return self._gm(*inputs)
 
     def post_compile(self, example_inputs: Sequence[Any], constants: Any,
@@ -148,8 +154,12 @@ class BackgroundOutput(OutputCode):
         with self._lock:
             self._outstanding += 1
         _started()
+        if self._settings.base_mode == "subprocess":
+            cpu_threads.worker_compile_started(self._settings.workers)
         future = get_executor(self._settings).submit(stage.request,
                                                      timeout=self._settings.timeout)
+        if self._settings.base_mode == "subprocess":
+            future.add_done_callback(cpu_threads.worker_compile_ended)
         future.add_done_callback(lambda f: _receiver().put((self, stage, f)))
 
     def defer_save(self, key: str, guards_expr: str | None, local: bool,
@@ -306,7 +316,8 @@ def compile_in_background(settings: Settings, fake_mode: Any, gm: torch.fx.Graph
     except NotOffloadable as e:
         return offload.handle_failure(settings, e.reason, e, args)
     STATS.add(serialize_s=time.perf_counter() - t0)
-    output = BackgroundOutput(settings, gm, graph_kwargs, compile_region_name, fake_mode)
+    output = BackgroundOutput(settings, gm, graph_kwargs, compile_region_name, fake_mode,
+                              on_cpu=not offload.uses_gpu(example_inputs))
     for stage in stages:
         output.start(stage)
     return output

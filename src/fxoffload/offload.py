@@ -64,7 +64,7 @@ def check_offloadable(gm: torch.fx.GraphModule) -> None:
                     )
 
 
-def _uses_gpu(example_inputs: Sequence[Any]) -> bool:
+def uses_gpu(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(t, torch.Tensor) and t.device.type in ("cuda", "xpu")
                for t in example_inputs)
 
@@ -107,7 +107,7 @@ def build_request(settings: Settings, gm: torch.fx.GraphModule,
         graph_kwargs=dict(graph_kwargs),
         tracing_context=torch._guards.TracingContext.try_get(),
         compile_region_name=compile_region_name,
-        state=capture_state(fake_mode, gpu=_uses_gpu(example_inputs)),
+        state=capture_state(fake_mode, gpu=uses_gpu(example_inputs)),
     )
     return protocol.encode_request(request, extra_imports=settings.worker_imports)
 
