@@ -6,7 +6,7 @@ Prints, per model, the compile time (which includes unpickling the request on th
 side) and the time spent pickling the request, pickling the response ("transfer" in serde
 mode: the child's return path) and loading the response in the parent, as a share of it.
 
-    python bench/serde_overhead.py [--models gpt2,bert,llama]
+    python bench/serde_overhead.py [--models gpt2,bert,llama] [--device cuda --size bench]
 """
 
 from __future__ import annotations
@@ -26,13 +26,16 @@ from _child import build_model
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="gpt2,bert,llama")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--size", choices=("tiny", "bench"), default="tiny")
     args = p.parse_args()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     torch._inductor.config.fx_graph_cache = False
     print("| model | graphs | compile (s) | pickle request (s) | pickle response (s) | "
           "load response (s) | added |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):
-        model, make_inputs = build_model(name, "tiny", "cpu", torch.float32, False)
+        model, make_inputs = build_model(name, args.size, args.device, dtype, False)
         model.eval()
         torch._dynamo.reset()
         fxoffload.reset_stats()
