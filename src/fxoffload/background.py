@@ -154,11 +154,12 @@ class BackgroundOutput(OutputCode):
         with self._lock:
             self._outstanding += 1
         _started()
-        if self._settings.base_mode == "subprocess":
+        in_worker = self._settings.base_mode == "subprocess"  # a process beside us
+        if in_worker:
             cpu_threads.worker_compile_started(self._settings.workers)
         future = get_executor(self._settings).submit(stage.request,
                                                      timeout=self._settings.timeout)
-        if self._settings.base_mode == "subprocess":
+        if in_worker:
             future.add_done_callback(cpu_threads.worker_compile_ended)
         future.add_done_callback(lambda f: _receiver().put((self, stage, f)))
 
