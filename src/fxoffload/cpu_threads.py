@@ -51,24 +51,20 @@ def beside_workers() -> Iterator[None]:
     one) for the duration of one eager run; the user's setting comes back afterwards."""
     global _capped_runs, _user_threads
     with _threads_lock:
-        if _worker_compiles == 0:
-            cap = 0
-        else:
+        capped = _worker_compiles > 0
+        if capped:
             if _capped_runs == 0:
                 _user_threads = torch.get_num_threads()
             _capped_runs += 1
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
                 else (os.cpu_count() or 1)
             busy = min(_worker_compiles, _pool_workers)
-            cap = max(1, min(_user_threads, cores - busy))
-            torch.set_num_threads(cap)
-    if not cap:
-        yield
-        return
+            torch.set_num_threads(max(1, min(_user_threads, cores - busy)))
     try:
         yield
     finally:
-        with _threads_lock:
-            _capped_runs -= 1
-            if _capped_runs == 0:
-                torch.set_num_threads(_user_threads)
+        if capped:
+            with _threads_lock:
+                _capped_runs -= 1
+                if _capped_runs == 0:
+                    torch.set_num_threads(_user_threads)
