@@ -158,3 +158,41 @@ class WaitsForFile(CustomGraphPass):
 
     def uuid(self) -> bytes:
         return f"fxoffload-test-waits-for-{self.path}".encode()
+
+
+HOLD_TRACE = __import__("threading").Event()  # set: a trace reaching ``held`` waits
+TRACE_HELD = __import__("threading").Event()  # set by ``held`` while it waits
+TRACE_RELEASE = __import__("threading").Event()
+
+
+@torch.library.custom_op("fxoffload_test::held", mutates_args=())
+def held(x: torch.Tensor) -> torch.Tensor:
+    """The identity; while ``HOLD_TRACE`` is set, a trace on another thread waits at it,
+    inside AOTAutograd's make_fx (FX flag set), until ``TRACE_RELEASE``: a test holds a
+    deferred trace mid-trace."""
+    return x.clone()
+
+
+@held.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    import threading
+
+    # Dynamo's own trace runs the fake kernel too, on the caller's thread: not that one;
+    # and AOTAutograd's metadata pass runs it before make_fx sets the FX flag.
+    from torch.fx import _symbolic_trace
+
+    if (HOLD_TRACE.is_set() and threading.current_thread() is not threading.main_thread()
+            and _symbolic_trace._is_fx_tracing_flag):
+        TRACE_HELD.set()
+        TRACE_RELEASE.wait(120)
+    return torch.empty_like(x)
+
+
+class RaisesInJointPass:
+    """A joint-graph pass (runs on whichever thread traces) that raises."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        raise RuntimeError("boom: this joint pass refuses to run")
+
+    def uuid(self) -> bytes:
+        return b"fxoffload-test-raises-in-joint-pass"

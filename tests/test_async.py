@@ -52,10 +52,11 @@ def _saved_code() -> Iterator[list[str]]:
 
 
 def _phases(make: Callable[[], Any], run: Callable[[Any], Any], mode: str, tmp_path: Any,
-            graphs: int) -> None:
+            graphs: int, calls: int | None = None, **extra: Any) -> None:
     """Stock compile vs. ours: the first call eager (its compiles held back until it
     returns), then, after the compiles arrive, compiled; each equal to stock, and the
-    compiled phase's code equal to stock's."""
+    compiled phase's code equal to stock's. ``calls``: graph calls in one run (a
+    training step whose forward runs Dynamo's graph eagerly makes one, not two)."""
     torch.manual_seed(0)
     stock_fn = make()
     ours_fn = copy.deepcopy(stock_fn)
@@ -64,7 +65,8 @@ def _phases(make: Callable[[], Any], run: Callable[[Any], Any], mode: str, tmp_p
         lambda: run(torch.compile(stock_fn, backend="inductor")))
     torch._dynamo.reset()
     fxoffload.reset_stats()
-    compiled = torch.compile(ours_fn, backend=fxoffload.backend(**settings_for(mode, tmp_path)))
+    compiled = torch.compile(ours_fn, backend=fxoffload.backend(
+        **settings_for(mode, tmp_path, **extra)))
 
     gate = tmp_path / "release-compiles"
     with _saved_code() as ours_code:  # not run_and_get_code: it resets Dynamo
@@ -75,7 +77,12 @@ def _phases(make: Callable[[], Any], run: Callable[[Any], Any], mode: str, tmp_p
             first = run(compiled)
         snap = fxoffload.stats()
         assert snap.compiled_runs == 0 and snap.swaps == 0, snap
-        assert snap.eager_runs >= graphs and snap.background_compiles >= graphs, snap
+        # each graph is compiling in a worker, or still being traced on our thread
+        calls = graphs if calls is None else calls
+        assert snap.eager_runs >= calls, snap
+        assert snap.background_compiles + snap.background_traces >= 1, snap
+        if extra.get("defer_trace") is False:
+            assert snap.background_traces == 0, snap
         _compare(first, stock_out)
         gate.touch()
         assert fxoffload.wait(300)
@@ -121,7 +128,31 @@ def test_training(mode: str, tmp_path: Any) -> None:
         out.pow(2).mean().backward()
         return [out.detach()] + [p.grad for p in f.parameters()]
 
-    _phases(Block, run, mode, tmp_path, graphs=2)  # forward and backward
+    _phases(Block, run, mode, tmp_path, graphs=2, calls=1)  # forward and backward
+
+
+@pytest.mark.parametrize("deferred", [True, False], ids=["deferred", "traced-on-caller"])
+def test_training_steps(deferred: bool, tmp_path: Any) -> None:
+    """Several steps, AOTAutograd's trace deferred to our thread or done by the caller:
+    eager, then compiled forward and backward, each step equal to stock's."""
+    x = torch.randn(2, 8, 32)
+
+    def run(f: Any) -> list[torch.Tensor]:
+        outs = []
+        for _ in range(3):
+            f.zero_grad()
+            out = f(x)
+            out.pow(2).mean().backward()
+            outs += [out.detach()] + [p.grad.clone() for p in f.parameters()]
+        return outs
+
+    _phases(Block, run, "async+subprocess", tmp_path, graphs=2,
+            calls=3 if deferred else 6, defer_trace=deferred)
+
+
+def test_mlp_traced_on_caller(tmp_path: Any) -> None:
+    x = torch.randn(4, 16)
+    _phases(MLP, lambda f: f(x), "async+subprocess", tmp_path, graphs=1, defer_trace=False)
 
 
 @pytest.mark.parametrize("mode", ASYNC_MODES)
@@ -209,8 +240,10 @@ def test_eager_forward_meets_compiled_backward(tmp_path: Any) -> None:
     # Padding on (as on GPU): Inductor would give the saved activations padded strides.
     with torch._inductor.config.patch(post_grad_custom_post_pass=WaitsForFile(str(gate)),
                                       disable_padding_cpu=False, padding_stride_threshold=1):
+        # AOTAutograd's trace on the caller's thread: its eager stand-in is then the
+        # forward graph, whose saved tensors a compiled backward may meet.
         compiled = torch.compile(ours, backend=fxoffload.backend(
-            **settings_for("async+subprocess")))
+            **settings_for("async+subprocess", defer_trace=False)))
         out_a = compiled(x)  # eager forward; its compile waits at the gate
         out_b = compiled(x)  # eager again
         out_a.pow(2).mean().backward()  # eager backward; the backward compile starts
@@ -253,18 +286,32 @@ def test_background_compile_fills_the_cache_for_the_next_process(tmp_path: Any) 
         from models import MLP
         torch.manual_seed(0)
         model, x = MLP(), torch.randn(4, 16)
-        f = torch.compile(model, backend=fxoffload.backend(mode="async+subprocess", workers=1))
-        torch.testing.assert_close(f(x), model(x))
+        def compile():
+            return torch.compile(model, backend=fxoffload.backend(mode="async+subprocess",
+                                                                  workers=1))
+        with torch.no_grad():
+            torch.testing.assert_close(compile()(x), model(x))
+        torch.testing.assert_close(compile()(x), model(x))  # a training forward
         assert fxoffload.wait(300)
         s = fxoffload.stats()
-        assert s.background_compiles >= 1 and s.fallback_count == 0, s
-        # a second compile in this process hits at once: no background work, no eager run
+        assert s.background_compiles == 2 and s.fallback_count == 0, s
+        # A second compile in this process: the inference graph hits AOTAutograd's cache,
+        # and is used at once: no background work, no eager run.
         torch._dynamo.reset()
-        g = torch.compile(model, backend=fxoffload.backend(mode="async+subprocess", workers=1))
-        torch.testing.assert_close(g(x), model(x))
+        with torch.no_grad():
+            torch.testing.assert_close(compile()(x), model(x))
         s2 = fxoffload.stats()
         assert s2.background_compiles == s.background_compiles, s2
         assert s2.eager_runs == s.eager_runs, s2
+        # The training forward has no AOTAutograd entry (its backward never ran): it hits
+        # the FX graph cache after the trace, and no worker compiles it.
+        g = compile()
+        for _ in range(2):
+            torch.testing.assert_close(g(x), model(x))
+        assert fxoffload.wait(300)
+        torch.testing.assert_close(g(x), model(x))
+        s3 = fxoffload.stats()
+        assert s3.background_compiles == s.background_compiles, s3
         print("ok")
     """)
     tests_dir = os.path.dirname(__file__)

@@ -104,3 +104,56 @@ def guards_expression(example_inputs: Any) -> str | None:
     symints = FxGraphCache._filter_backed_symints(example_inputs)
     guards = shape_env.get_pruned_guards(symints)
     return shape_env.produce_guards_expression(placeholders=symints, guards=guards)
+
+
+def has_symbols(shape_env: Any) -> bool:
+    """Whether a ShapeEnv holds any symbol, backed or unbacked (a compile could guard on
+    it)."""
+    if shape_env is None:
+        return False
+    backed = getattr(shape_env, "backed_var_to_val", None)  # 2.13 renamed var_to_val
+    if backed is None:
+        backed = getattr(shape_env, "var_to_val", None)
+    return bool(backed or getattr(shape_env, "var_to_range", None))
+
+
+_aot_watch: list[Any] = []
+
+
+def watch_aot_cache_lookup(callback: Any) -> bool:
+    """Call ``callback(hit)`` on the looking-up thread once AOTAutograd's cache has been
+    consulted (a key that cannot be computed counts as a miss). False when the cache is
+    off or this torch's cache has no seam for it: then no hit is to be expected early."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config
+
+    if not functorch_config.enable_autograd_cache or config.force_disable_caches:
+        return False
+    if not _aot_watch:
+        try:
+            from torch._functorch._aot_autograd import autograd_cache as module
+        except ImportError:
+            return False
+        lookup = module.AOTAutogradCache.__dict__.get("_lookup")
+        key_fn = getattr(module, "autograd_cache_key", None)
+        if not isinstance(lookup, staticmethod) or key_fn is None:
+            return False
+        _aot_watch.append(callback)
+
+        def _lookup(*args: Any, **kwargs: Any) -> Any:
+            result = lookup.__func__(*args, **kwargs)
+            for fn in _aot_watch:
+                fn(result is not None)
+            return result
+
+        def autograd_cache_key(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return key_fn(*args, **kwargs)
+            except BaseException:
+                for fn in _aot_watch:
+                    fn(False)
+                raise
+
+        module.AOTAutogradCache._lookup = staticmethod(_lookup)  # type: ignore[method-assign]
+        module.autograd_cache_key = autograd_cache_key
+    return True

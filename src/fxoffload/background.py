@@ -57,9 +57,9 @@ def wait(timeout: float | None = None) -> bool:
         return _idle.wait_for(lambda: STATS.background_pending == 0, timeout)
 
 
-def _started() -> None:
+def _started(**counts: int) -> None:
     with _idle:
-        STATS.add(background_compiles=1, background_pending=1)
+        STATS.add(background_pending=1, **(counts or {"background_compiles": 1}))
     progress.update()
 
 

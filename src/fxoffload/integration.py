@@ -110,8 +110,16 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
         install()
-        return compile_fx(gm, example_inputs,
-                          inner_compile=_with_settings(resolved, compile_fx_inner), **options)
+        inner = _with_settings(resolved, compile_fx_inner)
+        if resolved.background:
+            from . import deferred
+
+            reason = deferred.why_not(resolved, example_inputs)
+            if reason is None:
+                return deferred.Deferred(resolved, gm, example_inputs, lambda g, e: compile_fx(
+                    g, e, inner_compile=inner, **options))
+            log.debug("fxoffload: tracing on the caller's thread (%s)", reason)
+        return compile_fx(gm, example_inputs, inner_compile=inner, **options)
 
     fxoffload_backend.settings = resolved  # type: ignore[attr-defined]
     if resolved.background:

@@ -45,6 +45,7 @@ class Settings:
     nice: int | None = None
     stages: tuple[dict[str, Any], ...] | None = dataclasses.field(default=None, hash=False)
     progress: bool | None = None
+    defer_trace: bool = True
 
     @property
     def base_mode(self) -> str:
@@ -224,4 +225,5 @@ _ENV: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "nice": ("FXOFFLOAD_NICE", _int),
     "stages": ("FXOFFLOAD_STAGES", _stages),
     "progress": ("FXOFFLOAD_PROGRESS", _bool),
+    "defer_trace": ("FXOFFLOAD_DEFER_TRACE", _bool),
 }

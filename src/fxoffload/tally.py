@@ -31,6 +31,8 @@ class Snapshot:
     compiled_runs: int  # calls of a background-compiled graph after its swap
     swaps: int  # compiled code swapped in (progressive: once per stage)
     queue_wait_s: float  # time compiles waited for a free worker
+    background_traces: int  # graphs whose AOTAutograd trace ran on fxoffload's thread
+    trace_s: float  # time those traces took (AOTAutograd, Inductor's front half, pickling)
 
     @property
     def fallback_count(self) -> int:
@@ -66,6 +68,8 @@ class Stats:
             self.compiled_runs = 0
             self.swaps = 0
             self.queue_wait_s = 0.0
+            self.background_traces = 0
+            self.trace_s = 0.0
 
     def add(self, **amounts: float) -> None:
         with self._lock:
@@ -102,6 +106,8 @@ class Stats:
                 compiled_runs=self.compiled_runs,
                 swaps=self.swaps,
                 queue_wait_s=self.queue_wait_s,
+                background_traces=self.background_traces,
+                trace_s=self.trace_s,
             )
 
 

@@ -1,0 +1,244 @@
+"""Async modes, one level up: AOTAutograd's trace, Inductor's front half and the
+request's pickling run on a thread of ours, so a static graph's first call costs Dynamo's
+trace and an eager run of Dynamo's own graph, as with ``backend="eager"``.
+
+    Dynamo ─► backend(gm) ─► Deferred ─────────────► caller: gm(*args), eagerly
+                               │ fxoffload-front thread, under Dynamo's compile lock
+                               ▼
+              compile_fx(gm) ─► AOTAutograd cache ── hit ──► ready: the first call waits
+                                  │ miss: the first call stops waiting, runs eagerly
+                                  ▼
+              AOT trace ─► FX cache ─► BackgroundOutput (background.py) ─► ready
+      later calls: what compile_fx returned, whose outputs run eagerly until their
+      worker's compile arrives, then compiled
+
+The thread holds Dynamo's compile lock, as Dynamo's own compiles do, so it never traces
+beside Dynamo: much of the tracing machinery (node metadata, the metrics context) is
+process-global. A frame Dynamo must convert meanwhile waits for it, as it would wait
+for a stock compile.
+
+A graph is deferred only when the compile cannot add guards that Dynamo, having
+returned, would no longer install: no symbolic shapes, no aliased inputs; and only under
+thread-local state we can reproduce on our thread (grad mode; no autocast, inference
+mode or torch-function mode). Anything else compiles on the caller's thread, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from . import _compat, cpu_threads, isolation, offload, timeline
+from .background import _finished, _started
+from .errors import FxOffloadError, PoolClosed
+from .settings import Settings
+from .tally import STATS
+
+log = logging.getLogger("fxoffload")
+
+_local = threading.local()  # .job: the Deferred whose compile this thread runs
+# While a front thread traces beside the caller's eager steps, the interpreter switches
+# threads every 0.5 ms instead of 5: each torch op releases the GIL, and at 5 ms the
+# caller would wait up to 5 ms for it back after every op.
+_SWITCH_INTERVAL = 0.0005
+_switch_lock = threading.Lock()
+_fronts = 0
+_user_interval = 0.0
+
+
+def why_not(settings: Settings, example_inputs: Sequence[Any]) -> str | None:
+    """None when this graph's compile can be deferred; else the reason it cannot."""
+    if not settings.defer_trace:
+        return "off"
+    if getattr(_local, "job", None) is not None:
+        return "nested"
+    if torch.is_inference_mode_enabled():
+        return "inference mode"
+    if any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+        return "autocast"
+    if torch._C._len_torch_function_stack() > 0:
+        return "torch-function mode"
+    from torch._inductor import config
+
+    if config.triton.cudagraphs:
+        return "cudagraphs"
+    fake_mode = offload.current_fake_mode(example_inputs)
+    if _compat.has_symbols(getattr(fake_mode, "shape_env", None)):
+        return "symbolic shapes"
+    storages: set[Any] = set()
+    for t in example_inputs:
+        if not isinstance(t, torch.Tensor):
+            if isinstance(t, torch.SymInt | torch.SymFloat | torch.SymBool):
+                return "symbolic shapes"
+            continue
+        key = t.untyped_storage()._cdata
+        if key in storages:
+            return "aliased inputs"
+        storages.add(key)
+    return None
+
+
+class Deferred:
+    """What the backend hands Dynamo for a deferred graph: Dynamo's graph, run eagerly,
+    until ``compile_fx``'s result is ready on the front thread."""
+
+    def __init__(self, settings: Settings, gm: torch.fx.GraphModule,
+                 example_inputs: Sequence[Any], compile: Callable[[Any, Any], Any]) -> None:
+        self._settings = settings
+        self._gm = gm
+        self._on_cpu = not offload.uses_gpu(example_inputs)
+        self._eager: Callable[..., Any] | None = None
+        self._compiled: Callable[..., Any] | None = None
+        self._error: BaseException | None = None
+        self._decided = threading.Event()  # the first call may run eagerly, or _done
+        self._done = threading.Event()
+        self._grad = torch.is_grad_enabled()
+        self._config = _inductor_config()
+        self._tracing = torch._guards.TracingContext.try_get()
+        self._compile_ctx = torch._guards.CompileContext.try_get()
+        self._name = f"graph {id(self) % 10000:04d} ({len(gm.graph.nodes)} nodes)"
+        _started(background_traces=1)
+        # Config patches are context variables on torch 2.13: the thread starts in a
+        # copy of the caller's context, so it compiles under the config Dynamo saw.
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(self._run, compile, list(example_inputs)),
+                         daemon=True, name="fxoffload-front").start()
+
+    # -- the caller's side ------------------------------------------------------------
+    def __call__(self, *args: Any) -> Any:
+        compiled = self._compiled
+        if compiled is None:
+            if not self._decided.is_set():
+                self._decided.wait()
+            compiled = self._compiled
+            if compiled is None:
+                if self._error is not None and self._done.is_set():
+                    self._give_up()
+                return self._run_eagerly(args)
+        return compiled(*args)
+
+    def _run_eagerly(self, args: tuple[Any, ...]) -> Any:
+        STATS.add(eager_runs=1)
+        assert self._eager is not None
+        threads = cpu_threads.beside_workers() if self._on_cpu else contextlib.nullcontext()
+        with threads:
+            return self._eager(*args)
+
+    def _give_up(self) -> None:
+        error, self._error = self._error, None
+        assert error is not None
+        if self._settings.on_failure == "raise":
+            raise error
+
+    # -- the front thread -------------------------------------------------------------
+    def _run(self, compile: Callable[[Any, Any], Any], example_inputs: list[Any]) -> None:
+        from torch._dynamo.convert_frame import compile_lock
+
+        t0 = time.perf_counter()
+        _local.job = self
+        try:
+            with compile_lock:
+                t1 = time.perf_counter()
+                # The caller runs a copy: compile_fx rewrites the graph it is given.
+                self._eager = torch.fx.GraphModule(self._gm, _copy_graph(self._gm.graph))
+                if not _compat.watch_aot_cache_lookup(_looked_up):
+                    self._decided.set()
+                with _state(self), isolation.front_thread(), _fast_switching():
+                    compiled = compile(self._gm, example_inputs)
+                self._compiled = compiled
+        except BaseException as e:  # noqa: BLE001 - reported to the caller's thread
+            self._error = e
+            if isinstance(e, PoolClosed):
+                log.debug("fxoffload: deferred compile abandoned: %s", e)
+                self._error = None
+            elif self._settings.on_failure != "raise":
+                offload.note_failure("trace_failed", _describe(e),
+                                     "running the graph eagerly from now on")
+        finally:
+            _local.job = None
+            if self._eager is None:  # the copy failed: run Dynamo's graph itself
+                self._eager = self._gm
+            self._done.set()
+            self._decided.set()
+            if (tl := timeline.get()) is not None:
+                tl.span(f"wait for Dynamo {self._name}", t0, t1, track=3,
+                        track_name="front (AOTAutograd + Inductor front half)")
+                tl.span(f"trace {self._name}", t1, time.perf_counter(), track=3,
+                        track_name="front (AOTAutograd + Inductor front half)")
+                tl.flush()
+            STATS.add(trace_s=time.perf_counter() - t1)
+            _finished()
+
+
+def _looked_up(hit: bool) -> None:
+    job = getattr(_local, "job", None)
+    if job is not None and not hit:
+        job._decided.set()
+
+
+def _describe(error: BaseException) -> FxOffloadError:
+    if isinstance(error, FxOffloadError):
+        return error
+    return FxOffloadError(f"compiling the graph on fxoffload's thread failed: "
+                          f"{type(error).__name__}: {error}")
+
+
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    new = torch.fx.Graph(owning_module=None, tracer_cls=graph._tracer_cls)
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    new._codegen = graph._codegen
+    return new
+
+
+def _inductor_config() -> dict[str, Any]:
+    from torch._inductor import config
+
+    return config.get_config_copy()
+
+
+@contextlib.contextmanager
+def _state(job: Deferred) -> Iterator[None]:
+    """On the front thread: the caller's grad mode, tracing and compile contexts, and the
+    Inductor config it had at the backend call, where it differs from the config now
+    (on torch versions whose config is process-global, patching only what differs
+    leaves the rest alone; on 2.13 the copied context already has it)."""
+    from torch._inductor import config
+
+    now = config.get_config_copy()
+    changed = {k: v for k, v in job._config.items() if now.get(k, v) is not v and
+               now.get(k) != v}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.set_grad_enabled(job._grad))
+        if job._tracing is not None:
+            stack.enter_context(torch._guards.tracing(job._tracing))
+        if job._compile_ctx is not None:
+            stack.enter_context(torch._guards.compile_context(job._compile_ctx))
+        if changed:
+            stack.enter_context(config.patch(changed))
+        yield
+
+
+@contextlib.contextmanager
+def _fast_switching() -> Iterator[None]:
+    global _fronts, _user_interval
+    with _switch_lock:
+        if _fronts == 0:
+            _user_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(_user_interval, _SWITCH_INTERVAL))
+        _fronts += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _fronts -= 1
+            if _fronts == 0:
+                sys.setswitchinterval(_user_interval)

@@ -1,0 +1,117 @@
+"""Process-global state that torch's tracing touches, kept from leaking between a trace
+on fxoffload's front thread (``deferred``) and the user's thread, which goes on running
+the model meanwhile. Torch assumes one compile at a time on the thread that runs the
+model; two of its globals break that assumption:
+
+- **The FX tracing flag.** ``Tracer.trace`` (under ``make_fx``, so under AOTAutograd)
+  sets ``torch.fx._symbolic_trace._is_fx_tracing_flag`` for the whole process. Seen from
+  the user's thread, a call of a ``torch.compile``'d function then raises "Detected that
+  you are using FX to symbolically trace a dynamo-optimized function", and model code
+  that asks ``is_fx_tracing()`` takes its tracing branch. So the two readers report the
+  flag only on the thread that set it while a front thread traces.
+- **The RNG state.** AOTAutograd and ``compile_fx`` save the global generators' states
+  before tracing and restore them after (tracing must not consume random numbers). On a
+  front thread that restore would rewind what the user's steps drew meanwhile: dropout
+  masks and sampled batches would repeat. Fake tensors draw nothing, so on a front thread
+  the save and restore are skipped.
+
+Installed on the first deferred trace, never at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+_local = threading.local()  # .front: this thread runs a deferred trace
+_lock = threading.Lock()
+_fronts = 0  # front threads tracing now
+_installed = False
+
+
+@contextlib.contextmanager
+def front_thread() -> Iterator[None]:
+    """Mark the calling thread as a front thread for the duration (installs the shims)."""
+    global _fronts
+    install()
+    _local.front = True
+    with _lock:
+        _fronts += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _fronts -= 1
+        _local.front = False
+
+
+def on_front_thread() -> bool:
+    return getattr(_local, "front", False)
+
+
+def _fx_flag_visible() -> bool:
+    """Whether this thread may see the FX tracing flag: always, unless a front thread is
+    tracing and this is not it (a front thread holds Dynamo's compile lock, so no other
+    thread traces with Dynamo or AOTAutograd meanwhile)."""
+    return _fronts == 0 or on_front_thread()
+
+
+# Replacement bodies for torch.fx._symbolic_trace's readers. They run with that
+# module's globals (their code is swapped into the original function objects, which
+# Dynamo captured by reference), hence the injected ``_fxoffload_fx_flag_visible``.
+def _is_fx_tracing() -> bool:
+    is_fx_tracing_warning()  # type: ignore[name-defined]  # noqa: F821
+    return _is_fx_tracing_flag and _fxoffload_fx_flag_visible()  # type: ignore[name-defined]  # noqa: F821
+
+
+def _is_fx_symbolic_tracing() -> bool:
+    return (_is_fx_tracing_flag and _fxoffload_fx_flag_visible()  # type: ignore[name-defined]  # noqa: F821
+            and not torch.compiler.is_compiling())  # type: ignore[name-defined]  # noqa: F821
+
+
+def install() -> None:
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        _installed = True
+        _install_fx_flag_readers()
+        _install_rng_guards()
+
+
+def _install_fx_flag_readers() -> None:
+    from torch.fx import _symbolic_trace as module
+
+    module.__dict__["_fxoffload_fx_flag_visible"] = _fx_flag_visible
+    for name, replacement in (("is_fx_tracing", _is_fx_tracing),
+                              ("is_fx_symbolic_tracing", _is_fx_symbolic_tracing)):
+        original = getattr(module, name, None)
+        if original is None or original.__code__.co_freevars:
+            continue
+        original.__code__ = replacement.__code__.replace(
+            co_name=original.__code__.co_name,
+            co_filename=original.__code__.co_filename,
+            co_qualname=original.__code__.co_qualname,
+        )
+
+
+def _install_rng_guards() -> None:
+    from torch._dynamo import utils as dynamo_utils
+    from torch._functorch import aot_autograd
+
+    for module in (dynamo_utils, aot_autograd):
+        original = getattr(module, "preserve_rng_state", None)
+        if original is not None and not getattr(original, "_fxoffload", False):
+            module.preserve_rng_state = _skipped_on_front_threads(original)
+
+
+def _skipped_on_front_threads(original: Callable[[], Any]) -> Callable[[], Any]:
+    @functools.wraps(original)
+    def preserve_rng_state() -> Any:
+        return contextlib.nullcontext() if on_front_thread() else original()
+
+    preserve_rng_state._fxoffload = True  # type: ignore[attr-defined]
+    return preserve_rng_state

@@ -1,0 +1,134 @@
+"""The deferred trace (async modes): AOTAutograd and Inductor's front half run on
+fxoffload's thread while the caller runs Dynamo's graph eagerly. The user's thread
+must not see that trace: no FX-tracing flag, no rewound RNG; graphs the trace could add
+guards to are traced on the caller's thread; a trace that fails costs no step."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from extensions import HOLD_TRACE, TRACE_HELD, TRACE_RELEASE, RaisesInJointPass
+from models import MLP
+
+import fxoffload
+from fxoffload.errors import FxOffloadError
+
+
+def _held_model(x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.fxoffload_test.held(x.sin()) * 2
+
+
+@pytest.fixture
+def held_trace() -> Iterator[None]:
+    TRACE_HELD.clear()
+    TRACE_RELEASE.clear()
+    HOLD_TRACE.set()
+    try:
+        yield
+    finally:
+        HOLD_TRACE.clear()
+        TRACE_RELEASE.set()
+
+
+def test_the_caller_does_not_see_the_trace(held_trace: None) -> None:
+    """While our thread is inside AOTAutograd's make_fx: another compiled function runs
+    compiled (no 'FX symbolically traces a dynamo-optimized function' error), the FX
+    flag reads unset here, and the random numbers drawn here are not rewound when the
+    trace restores the generator's state."""
+    other = torch.compile(lambda t: t.cos() + 1, backend="eager")
+    y = torch.randn(5)
+    torch.testing.assert_close(other(y), y.cos() + 1)  # compiled before the trace starts
+
+    f = torch.compile(_held_model, backend=fxoffload.backend(mode="async+serde"))
+    x = torch.randn(4)
+    torch.testing.assert_close(f(x), _held_model(x))  # eager; the trace starts
+    assert TRACE_HELD.wait(60), "the trace never reached the held op"
+    assert fxoffload.stats().background_traces == 1
+    torch.manual_seed(1234)
+    drawn_during = torch.rand(3)
+    torch.testing.assert_close(other(y), y.cos() + 1)
+    assert not torch.fx._symbolic_trace.is_fx_tracing()
+    assert not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    TRACE_RELEASE.set()
+    assert fxoffload.wait(300)
+    drawn_after = torch.rand(3)
+    torch.manual_seed(1234)
+    expected = torch.rand(6)
+    torch.testing.assert_close(torch.cat([drawn_during, drawn_after]), expected)
+    torch.testing.assert_close(f(x), _held_model(x))
+    snap = fxoffload.stats()
+    assert snap.swaps == 1 and snap.compiled_runs == 1 and snap.fallback_count == 0, snap
+
+
+def test_a_trace_in_progress_is_not_seen_from_another_thread_either(held_trace: None) -> None:
+    f = torch.compile(_held_model, backend=fxoffload.backend(mode="async+serde"))
+    x = torch.randn(4)
+    f(x)
+    assert TRACE_HELD.wait(60)
+    seen: list[bool] = []
+    t = threading.Thread(target=lambda: seen.append(torch.fx._symbolic_trace.is_fx_tracing()))
+    t.start()
+    t.join()
+    TRACE_RELEASE.set()
+    assert fxoffload.wait(300)
+    assert seen == [False]
+
+
+@pytest.mark.parametrize("case", ["aliased inputs", "dynamic shapes"])
+def test_graphs_a_trace_could_guard_are_traced_on_the_caller(case: str) -> None:
+    def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    f = torch.compile(add, backend=fxoffload.backend(mode="async+serde"))
+    x = torch.randn(6)
+    if case == "aliased inputs":  # two views of one storage (not one tensor twice,
+        out = f(x[1:], x[:-1])  # which Dynamo passes once)
+    else:
+        y = torch.randn(6)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(y, 0)
+        out = f(x, y)
+    assert fxoffload.wait(300)
+    snap = fxoffload.stats()
+    assert snap.background_traces == 0 and snap.background_compiles == 1, snap
+    assert snap.eager_runs == 1, snap
+    assert out.shape == (5,) if case == "aliased inputs" else out.shape == (6,)
+
+
+def test_defer_trace_off_traces_on_the_caller() -> None:
+    f = torch.compile(MLP(), backend=fxoffload.backend(mode="async+serde",
+                                                       defer_trace=False))
+    f(torch.randn(2, 16))
+    assert fxoffload.wait(300)
+    assert fxoffload.stats().background_traces == 0
+
+
+@pytest.mark.parametrize("policy", ["fallback", "eager", "raise"])
+def test_a_failed_trace_costs_no_step(policy: str, caplog: Any) -> None:
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(2, 16)
+    with torch._inductor.config.patch(joint_custom_pre_pass=RaisesInJointPass()):
+        f = torch.compile(model, backend=fxoffload.backend(mode="async+serde",
+                                                           on_failure=policy))
+        with torch.no_grad():
+            torch.testing.assert_close(f(x), model(x))
+    assert fxoffload.wait(300)
+    with torch.no_grad():
+        if policy == "raise":
+            with pytest.raises(Exception, match="boom: this joint pass refuses to run"):
+                f(x)
+            return
+        for _ in range(2):
+            torch.testing.assert_close(f(x), model(x))
+    snap = fxoffload.stats()
+    assert snap.fallbacks == {"trace_failed": 1} and snap.eager_runs == 3, snap
+    warnings = [r for r in caplog.records if "trace_failed" in r.getMessage()]
+    assert len(warnings) == 1 and "boom" in warnings[0].getMessage()
+
+
+def test_failure_is_typed() -> None:
+    assert issubclass(FxOffloadError, Exception)
