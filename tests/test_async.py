@@ -88,7 +88,12 @@ def _phases(make: Callable[[], Any], run: Callable[[Any], Any], mode: str, tmp_p
         assert fxoffload.wait(300)
         second = run(compiled)
     snap = fxoffload.stats()
-    assert snap.background_compiles == len(stock_code) >= graphs
+    # A deferred trace hands a training graph's backward to the pool with its forward,
+    # even when no backward runs (stock compiles a backward at its first call).
+    if extra.get("defer_trace") is False:
+        assert snap.background_compiles == len(stock_code) >= graphs
+    else:
+        assert snap.background_compiles >= len(stock_code) >= graphs
     assert dict(snap.fallbacks) == {}
     # every graph called again was swapped (a static graph that Dynamo's dynamic
     # recompile supersedes is never called again, so it never swaps)
@@ -294,7 +299,8 @@ def test_background_compile_fills_the_cache_for_the_next_process(tmp_path: Any) 
         torch.testing.assert_close(compile()(x), model(x))  # a training forward
         assert fxoffload.wait(300)
         s = fxoffload.stats()
-        assert s.background_compiles == 2 and s.fallback_count == 0, s
+        # inference; training forward and its backward (handed over with the forward)
+        assert s.background_compiles == 3 and s.fallback_count == 0, s
         # A second compile in this process: the inference graph hits AOTAutograd's cache,
         # and is used at once: no background work, no eager run.
         torch._dynamo.reset()
@@ -303,8 +309,8 @@ def test_background_compile_fills_the_cache_for_the_next_process(tmp_path: Any) 
         s2 = fxoffload.stats()
         assert s2.background_compiles == s.background_compiles, s2
         assert s2.eager_runs == s.eager_runs, s2
-        # The training forward has no AOTAutograd entry (its backward never ran): it hits
-        # the FX graph cache after the trace, and no worker compiles it.
+        # The training graph hits too (AOTAutograd's cache, or the FX graph cache after
+        # the trace): no worker compiles it.
         g = compile()
         for _ in range(2):
             torch.testing.assert_close(g(x), model(x))

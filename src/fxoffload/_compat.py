@@ -157,3 +157,13 @@ def watch_aot_cache_lookup(callback: Any) -> bool:
         module.AOTAutogradCache._lookup = staticmethod(_lookup)  # type: ignore[method-assign]
         module.autograd_cache_key = autograd_cache_key
     return True
+
+
+def backward_compiled_at_once() -> Any:
+    """AOTAutograd compiles the backward with the forward, not lazily (where this torch
+    has the switch; else a no-op)."""
+    from torch._functorch import config as functorch_config
+
+    if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(force_non_lazy_backward_lowering=True)

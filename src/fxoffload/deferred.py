@@ -38,7 +38,7 @@ import torch
 
 from . import _compat, cpu_threads, isolation, offload, timeline
 from .background import _finished, _started
-from .errors import FxOffloadError, PoolClosed
+from .errors import PoolClosed, TraceFailed
 from .settings import Settings
 from .tally import STATS
 
@@ -66,6 +66,8 @@ def why_not(settings: Settings, example_inputs: Sequence[Any]) -> str | None:
         return "autocast"
     if torch._C._len_torch_function_stack() > 0:
         return "torch-function mode"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "functorch transform"
     from torch._inductor import config
 
     if config.triton.cudagraphs:
@@ -101,6 +103,9 @@ class Deferred:
         self._decided = threading.Event()  # the first call may run eagerly, or _done
         self._done = threading.Event()
         self._grad = torch.is_grad_enabled()
+        # The current CUDA device is per thread, too.
+        self._cuda_device = torch.cuda.current_device() if (
+            torch.cuda.is_initialized() and not self._on_cpu) else None
         self._config = _inductor_config()
         self._tracing = torch._guards.TracingContext.try_get()
         self._compile_ctx = torch._guards.CompileContext.try_get()
@@ -120,8 +125,10 @@ class Deferred:
                 self._decided.wait()
             compiled = self._compiled
             if compiled is None:
-                if self._error is not None and self._done.is_set():
-                    self._give_up()
+                error = self._error
+                if error is not None:  # on_failure="raise": once; then eager, as "eager"
+                    self._error = None
+                    raise error
                 return self._run_eagerly(args)
         return compiled(*args)
 
@@ -131,12 +138,6 @@ class Deferred:
         threads = cpu_threads.beside_workers() if self._on_cpu else contextlib.nullcontext()
         with threads:
             return self._eager(*args)
-
-    def _give_up(self) -> None:
-        error, self._error = self._error, None
-        assert error is not None
-        if self._settings.on_failure == "raise":
-            raise error
 
     # -- the front thread -------------------------------------------------------------
     def _run(self, compile: Callable[[Any, Any], Any], example_inputs: list[Any]) -> None:
@@ -154,14 +155,16 @@ class Deferred:
                 with _state(self), isolation.front_thread(), _fast_switching():
                     compiled = compile(self._gm, example_inputs)
                 self._compiled = compiled
+        except PoolClosed as e:  # shutdown or interpreter exit: nothing to report
+            log.debug("fxoffload: deferred compile abandoned: %s", e)
         except BaseException as e:  # noqa: BLE001 - reported to the caller's thread
-            self._error = e
-            if isinstance(e, PoolClosed):
-                log.debug("fxoffload: deferred compile abandoned: %s", e)
-                self._error = None
-            elif self._settings.on_failure != "raise":
-                offload.note_failure("trace_failed", _describe(e),
-                                     "running the graph eagerly from now on")
+            error = TraceFailed(e)
+            error.__cause__ = e
+            if self._settings.on_failure == "raise":
+                self._error = error
+            else:
+                offload.note_failure(error.reason, error, "running the graph eagerly "
+                                     "from now on")
         finally:
             _local.job = None
             if self._eager is None:  # the copy failed: run Dynamo's graph itself
@@ -184,13 +187,6 @@ def _looked_up(hit: bool) -> None:
         job._decided.set()
 
 
-def _describe(error: BaseException) -> FxOffloadError:
-    if isinstance(error, FxOffloadError):
-        return error
-    return FxOffloadError(f"compiling the graph on fxoffload's thread failed: "
-                          f"{type(error).__name__}: {error}")
-
-
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     new = torch.fx.Graph(owning_module=None, tracer_cls=graph._tracer_cls)
     out = new.graph_copy(graph, {})
@@ -210,7 +206,10 @@ def _state(job: Deferred) -> Iterator[None]:
     """On the front thread: the caller's grad mode, tracing and compile contexts, and the
     Inductor config it had at the backend call, where it differs from the config now
     (on torch versions whose config is process-global, patching only what differs
-    leaves the rest alone; on 2.13 the copied context already has it)."""
+    leaves the rest alone; on 2.13 the copied context already has it). And a training
+    graph's backward is handed to the hook now, not at the first backward through the
+    compiled forward: the first steps ran Dynamo's graph, so that backward would only
+    come after the trace, one step later."""
     from torch._inductor import config
 
     now = config.get_config_copy()
@@ -218,12 +217,15 @@ def _state(job: Deferred) -> Iterator[None]:
                now.get(k) != v}
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.set_grad_enabled(job._grad))
+        if job._cuda_device is not None:
+            stack.enter_context(torch.cuda.device(job._cuda_device))
         if job._tracing is not None:
             stack.enter_context(torch._guards.tracing(job._tracing))
         if job._compile_ctx is not None:
             stack.enter_context(torch._guards.compile_context(job._compile_ctx))
         if changed:
             stack.enter_context(config.patch(changed))
+        stack.enter_context(_compat.backward_compiled_at_once())
         yield
 
 

@@ -5,6 +5,7 @@
     ├── ProtocolError            bytes that are not a well-formed fxoffload envelope
     │   └── VersionMismatch      the envelope came from another protocol or torch version
     ├── NotOffloadable           this graph cannot cross the boundary (carries a reason)
+    ├── TraceFailed              a deferred trace (AOTAutograd, Inductor's front half) raised
     └── WorkerError              the other side failed us
         ├── WorkerCrashed        the worker process died (exit code or signal named)
         ├── WorkerTimeout        the compile ran past its deadline; the worker was killed
@@ -48,6 +49,17 @@ class NotOffloadable(FxOffloadError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class TraceFailed(FxOffloadError):
+    """AOTAutograd or Inductor's front half raised on fxoffload's front thread (async
+    modes); the original error is chained as ``__cause__``."""
+
+    reason = "trace_failed"
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"tracing the graph on fxoffload's thread failed: "
+                         f"{type(error).__name__}: {error}")
 
 
 class WorkerError(FxOffloadError):
