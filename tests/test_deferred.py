@@ -15,7 +15,12 @@ from extensions import HOLD_TRACE, TRACE_HELD, TRACE_RELEASE, RaisesInJointPass
 from models import MLP
 
 import fxoffload
+from fxoffload._compat import config_is_context_local
 from fxoffload.errors import FxOffloadError, TraceFailed
+
+DEFERS = config_is_context_local()
+deferring = pytest.mark.skipif(not DEFERS, reason="this torch's config is process-global: "
+                               "every graph is traced on the caller's thread")
 
 
 def _held_model(x: torch.Tensor) -> torch.Tensor:
@@ -34,6 +39,7 @@ def held_trace() -> Iterator[None]:
         TRACE_RELEASE.set()
 
 
+@deferring
 def test_the_caller_does_not_see_the_trace(held_trace: None) -> None:
     """While our thread is inside AOTAutograd's make_fx: another compiled function runs
     compiled (no 'FX symbolically traces a dynamo-optimized function' error), the FX
@@ -64,6 +70,7 @@ def test_the_caller_does_not_see_the_trace(held_trace: None) -> None:
     assert snap.swaps == 1 and snap.compiled_runs == 1 and snap.fallback_count == 0, snap
 
 
+@deferring
 def test_a_trace_in_progress_is_not_seen_from_another_thread_either(held_trace: None) -> None:
     f = torch.compile(_held_model, backend=fxoffload.backend(mode="async+serde"))
     x = torch.randn(4)
@@ -78,6 +85,7 @@ def test_a_trace_in_progress_is_not_seen_from_another_thread_either(held_trace: 
     assert seen == [False]
 
 
+@deferring
 @pytest.mark.parametrize("case", ["aliased inputs", "dynamic shapes"])
 def test_graphs_a_trace_could_guard_are_traced_on_the_caller(case: str) -> None:
     def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -99,6 +107,7 @@ def test_graphs_a_trace_could_guard_are_traced_on_the_caller(case: str) -> None:
     assert out.shape == (5,) if case == "aliased inputs" else out.shape == (6,)
 
 
+@deferring
 def test_defer_trace_off_traces_on_the_caller() -> None:
     f = torch.compile(MLP(), backend=fxoffload.backend(mode="async+serde",
                                                        defer_trace=False))
@@ -107,6 +116,7 @@ def test_defer_trace_off_traces_on_the_caller() -> None:
     assert fxoffload.stats().background_traces == 0
 
 
+@deferring
 @pytest.mark.parametrize("policy", ["fallback", "eager", "raise"])
 def test_a_failed_trace_costs_no_step(policy: str, caplog: Any) -> None:
     torch.manual_seed(0)
@@ -116,7 +126,7 @@ def test_a_failed_trace_costs_no_step(policy: str, caplog: Any) -> None:
                                                            on_failure=policy))
         with torch.no_grad():
             torch.testing.assert_close(f(x), model(x))
-    assert fxoffload.wait(300)
+        assert fxoffload.wait(300)
     with torch.no_grad():
         if policy == "raise":
             with pytest.raises(TraceFailed, match="boom: this joint pass refuses to run"):
@@ -131,3 +141,12 @@ def test_a_failed_trace_costs_no_step(policy: str, caplog: Any) -> None:
     assert len(warnings) == 1 and "boom" in warnings[0].getMessage()
 
     assert issubclass(TraceFailed, FxOffloadError)
+
+
+@pytest.mark.skipif(DEFERS, reason="this torch's config is context-local")
+def test_process_global_config_traces_on_the_caller() -> None:
+    """Where a config patch is process-global, no trace is deferred."""
+    f = torch.compile(MLP(), backend=fxoffload.backend(mode="async+serde"))
+    f(torch.randn(2, 16))
+    assert fxoffload.wait(300)
+    assert fxoffload.stats().background_traces == 0

@@ -167,3 +167,16 @@ def backward_compiled_at_once() -> Any:
     if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
         return contextlib.nullcontext()
     return functorch_config.patch(force_non_lazy_backward_lowering=True)
+
+
+def config_is_context_local() -> bool:
+    """Whether torch's config patches are context variables (2.13), so a thread of ours
+    can compile under its own view of them. Where they are process-global (2.11), a
+    ``config.patch`` inside a compile on our thread would restore, on exit, values the
+    user's thread has changed meanwhile."""
+    import contextvars
+
+    from torch._inductor import config
+
+    entry = next(iter(config._config.values()))
+    return isinstance(getattr(entry, "user_override", None), contextvars.ContextVar)

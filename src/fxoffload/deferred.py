@@ -17,6 +17,11 @@ beside Dynamo: much of the tracing machinery (node metadata, the metrics context
 process-global. A frame Dynamo must convert meanwhile waits for it, as it would wait
 for a stock compile.
 
+Only on torch versions whose config patches are context variables (2.13): where they
+are process-global (2.11), a ``config.patch`` inside the compile on our thread restores,
+on exit, values the user's thread changed meanwhile (measured on torch 2.11: a pass
+patched around a first call stayed in the config for every later compile).
+
 A graph is deferred only when the compile cannot add guards that Dynamo, having
 returned, would no longer install: no symbolic shapes, no aliased inputs; and only under
 thread-local state we can reproduce on our thread (grad mode; no autocast, inference
@@ -58,6 +63,8 @@ def why_not(settings: Settings, example_inputs: Sequence[Any]) -> str | None:
     """None when this graph's compile can be deferred; else the reason it cannot."""
     if not settings.defer_trace:
         return "off"
+    if not _compat.config_is_context_local():
+        return "torch's config is process-global in this version"
     if getattr(_local, "job", None) is not None:
         return "nested"
     if torch.is_inference_mode_enabled():
