@@ -121,8 +121,11 @@ class Deferred:
         # Config patches are context variables on torch 2.13: the thread starts in a
         # copy of the caller's context, so it compiles under the config Dynamo saw.
         context = contextvars.copy_context()
-        threading.Thread(target=context.run, args=(self._run, compile, list(example_inputs)),
-                         daemon=True, name="fxoffload-front").start()
+        thread = threading.Thread(target=context.run,
+                                  args=(self._run, compile, list(example_inputs)),
+                                  daemon=True, name="fxoffload-front")
+        _running(thread)
+        thread.start()
 
     # -- the caller's side ------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
@@ -150,7 +153,7 @@ class Deferred:
     def _run(self, compile: Callable[[Any, Any], Any], example_inputs: list[Any]) -> None:
         from torch._dynamo.convert_frame import compile_lock
 
-        t0 = time.perf_counter()
+        t0 = t1 = time.perf_counter()
         _local.job = self
         try:
             with compile_lock:
@@ -186,6 +189,35 @@ class Deferred:
                 tl.flush()
             STATS.add(trace_s=time.perf_counter() - t1)
             _finished()
+            with _threads_lock:
+                _threads.discard(threading.current_thread())
+
+
+_threads: set[threading.Thread] = set()
+_threads_lock = threading.Lock()
+_EXIT_WAIT = 120.0
+
+
+def _running(thread: threading.Thread) -> None:
+    """Track a front thread; the first one registers the exit hook."""
+    with _threads_lock:
+        if not _threads and not getattr(_running, "hooked", False):
+            import atexit
+
+            atexit.register(_join_at_exit)
+            _running.hooked = True  # type: ignore[attr-defined]
+        _threads.add(thread)
+
+
+def _join_at_exit() -> None:
+    """Let traces in flight finish before the interpreter finalizes: a daemon thread
+    stopped inside torch's C++ code aborts the process ("terminate called without an
+    active exception"). A trace takes seconds; one stuck past ``_EXIT_WAIT`` is left."""
+    deadline = time.monotonic() + _EXIT_WAIT
+    with _threads_lock:
+        threads = list(_threads)
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _looked_up(hit: bool) -> None:

@@ -37,6 +37,12 @@ class InProcessExecutor(Executor):
         self._lock = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
+        if background:
+            # A compile killed mid-way by interpreter teardown aborts the process from
+            # C++; at exit, pending jobs are dropped and the current one ends. Registered
+            # now (the executor is made on first use), before any deferred trace's exit
+            # hook, so that hook runs first and its trace's compile is seen to here.
+            atexit.register(self.shutdown)
 
     def submit(self, request: bytes, *, timeout: float | None = None) -> Future[bytes]:
         future: Future[bytes] = Future()
@@ -52,9 +58,6 @@ class InProcessExecutor(Executor):
                 self._thread = threading.Thread(target=self._serve, args=(self._jobs,),
                                                 daemon=True, name="fxoffload-serde")
                 self._thread.start()
-                # A compile killed mid-way by interpreter teardown aborts the process
-                # from C++; at exit, pending jobs are dropped and the current one ends.
-                atexit.register(self.shutdown)
             self._jobs.put((request, future))
         return future
 
