@@ -70,6 +70,12 @@ def _finished() -> None:
     progress.update()
 
 
+def exiting() -> bool:
+    """The interpreter is exiting: the main thread has finished (a compile that fails now
+    fails because torch is shutting down, and nobody will call the graph again)."""
+    return not threading.main_thread().is_alive()
+
+
 def pin_output_strides(gm: torch.fx.GraphModule) -> None:
     """Make Inductor keep eager's strides for every output (see the module docstring)."""
     from torch.utils import _pytree as pytree
@@ -188,6 +194,12 @@ class BackgroundOutput(OutputCode):
             _finished()
             return
         except FxOffloadError as e:
+            if exiting():  # e.g. Inductor's thread pools refused work at shutdown
+                log.debug("fxoffload: background compile abandoned at exit: %s", e)
+                with self._lock:
+                    self._outstanding -= 1
+                _finished()
+                return
             self._stage_failed(stage, e)
             _finished()
             return

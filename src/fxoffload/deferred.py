@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from . import _compat, cpu_threads, isolation, offload, timeline
-from .background import _finished, _started
+from .background import _finished, _started, exiting
 from .errors import PoolClosed, TraceFailed
 from .settings import Settings
 from .tally import STATS
@@ -168,6 +168,9 @@ class Deferred:
         except PoolClosed as e:  # shutdown or interpreter exit: nothing to report
             log.debug("fxoffload: deferred compile abandoned: %s", e)
         except BaseException as e:  # noqa: BLE001 - reported to the caller's thread
+            if exiting():
+                log.debug("fxoffload: deferred compile abandoned at exit: %s", e)
+                return
             error = TraceFailed(e)
             error.__cause__ = e
             if self._settings.on_failure == "raise":
