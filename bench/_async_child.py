@@ -296,6 +296,9 @@ def run_model(spec: dict[str, Any], result: dict[str, Any]) -> None:
             if eager:
                 eager_loop.append(c1 - c0)
             if not eager:
+                # The first call that ran every graph compiled: it swapped the last
+                # graph in (loading its compiled module on the caller's thread).
+                result["first_compiled_call_s"] = c1 - c0
                 result["all_compiled_s"] = c1 - t0
                 result["compiled_outcome"] = "every graph ran compiled"
                 marks["every graph compiled"] = c1
@@ -306,6 +309,9 @@ def run_model(spec: dict[str, Any], result: dict[str, Any]) -> None:
         # While compiles were pending: how long a call that still ran eagerly took.
         result["eager_phase_call_median_s"] = statistics.median(eager_loop)
         result["eager_phase_call_max_s"] = max(eager_loop)
+    if before is not None and eager_loop:
+        # The slowest call in the window: a call that swapped a graph in, or stalled.
+        result["slowest_call_s"] = max([*eager_loop, result.get("first_compiled_call_s", 0.0)])
     if waiter is not None:
         waiter.join(timeout=max(1.0, spec["compiled_cap_s"] - (time.perf_counter() - t0)))
 

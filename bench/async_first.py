@@ -342,6 +342,8 @@ def summarise(samples: list[dict[str, Any]], configs: list[str],
                 "steady_step_min_s": _med([s.get("steady_step_min_s") for s in ok]),
                 "eager_step_s": _med([s.get("eager_step_s") for s in ok]),
                 "eager_phase_call_s": _med([s.get("eager_phase_call_median_s") for s in ok]),
+                "first_compiled_call_s": _med([s.get("first_compiled_call_s") for s in ok]),
+                "slowest_call_s": _med([s.get("slowest_call_s") for s in ok]),
                 "calls_until_compiled": _med([s.get("calls_until_compiled") for s in ok]),
                 "warmup_s": _med([s.get("warmup_s") for s in ok]),
                 "workers": sorted({s.get("workers") for s in ok} - {None}),
@@ -491,6 +493,12 @@ def markdown(summary: dict[str, list[dict[str, Any]]], parallel: list[dict[str, 
                              f"{_ms(r['eager_phase_call_s'])} ms (median); "
                              f"{_fmt(r['calls_until_compiled'], 0)} calls until compiled "
                              f"(median).")
+            if r.get("first_compiled_call_s") is not None:
+                lines.append(f"{r['config']}: the first call that ran every graph compiled "
+                             f"(it swapped the last one in) took "
+                             f"{_ms(r['first_compiled_call_s'])} ms; the slowest call from "
+                             f"the first call's return until then, "
+                             f"{_ms(r['slowest_call_s'])} ms (medians).")
             for o in r["outcomes"]:
                 lines.append(f"stock-async outcome: {o}.")
             if r["first_output_min_max"]:

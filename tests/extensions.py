@@ -196,3 +196,16 @@ class RaisesInJointPass:
 
     def uuid(self) -> bytes:
         return b"fxoffload-test-raises-in-joint-pass"
+
+
+class CountsJointPass:
+    """A joint-graph pass that counts its runs (it runs on whichever thread traces)."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.runs += 1
+
+    def uuid(self) -> bytes:
+        return b"fxoffload-test-counts-joint-pass"

@@ -11,16 +11,22 @@ from typing import Any
 
 import pytest
 import torch
-from extensions import HOLD_TRACE, TRACE_HELD, TRACE_RELEASE, RaisesInJointPass
+from extensions import (
+    HOLD_TRACE,
+    TRACE_HELD,
+    TRACE_RELEASE,
+    CountsJointPass,
+    RaisesInJointPass,
+)
 from models import MLP
 
 import fxoffload
-from fxoffload._compat import config_is_context_local
+from fxoffload._compat import config_can_be_private
 from fxoffload.errors import FxOffloadError, TraceFailed
 
-DEFERS = config_is_context_local()
-deferring = pytest.mark.skipif(not DEFERS, reason="this torch's config is process-global: "
-                               "every graph is traced on the caller's thread")
+DEFERS = config_can_be_private()
+deferring = pytest.mark.skipif(not DEFERS, reason="this torch's config cannot be made "
+                               "private to a thread: every graph is traced on the caller's")
 
 
 def _held_model(x: torch.Tensor) -> torch.Tensor:
@@ -143,10 +149,32 @@ def test_a_failed_trace_costs_no_step(policy: str, caplog: Any) -> None:
     assert issubclass(TraceFailed, FxOffloadError)
 
 
-@pytest.mark.skipif(DEFERS, reason="this torch's config is context-local")
-def test_process_global_config_traces_on_the_caller() -> None:
-    """Where a config patch is process-global, no trace is deferred."""
-    f = torch.compile(MLP(), backend=fxoffload.backend(mode="async+serde"))
-    f(torch.randn(2, 16))
+@deferring
+def test_config_is_private_to_the_front_thread(held_trace: None) -> None:
+    """The trace runs under the config the caller had when Dynamo called the backend,
+    and the two threads never see each other's patches: the front thread's own patch
+    of a key the user patches too (AOTAutograd's backward switch) neither shows on the
+    user's thread nor restores, when it ends, a value the user's patch has undone
+    meanwhile. (On torch 2.11, where config is process-global, the key stayed patched.)"""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config
+
+    counted = CountsJointPass()
+    f = torch.compile(_held_model, backend=fxoffload.backend(mode="async+serde"))
+    x = torch.randn(4)
+    before = (config.get_config_copy(), functorch_config.get_config_copy())
+    with config.patch(joint_custom_pre_pass=counted), \
+            functorch_config.patch(force_non_lazy_backward_lowering=True):
+        torch.testing.assert_close(f(x), _held_model(x))  # eager; the trace starts
+        assert TRACE_HELD.wait(60), "the trace never reached the held op"
+    # The user's patches are gone here, while the front thread's are open on its side.
+    assert fxoffload.stats().background_traces == 1
+    assert not functorch_config.force_non_lazy_backward_lowering
+    assert (config.get_config_copy(), functorch_config.get_config_copy()) == before
+    TRACE_RELEASE.set()
     assert fxoffload.wait(300)
-    assert fxoffload.stats().background_traces == 0
+    assert counted.runs >= 1  # the trace ran under the caller's config at the call
+    assert (config.get_config_copy(), functorch_config.get_config_copy()) == before
+    torch.testing.assert_close(f(x), _held_model(x))
+    snap = fxoffload.stats()
+    assert snap.swaps == 1 and snap.fallback_count == 0, snap

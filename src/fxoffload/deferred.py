@@ -17,10 +17,11 @@ beside Dynamo: much of the tracing machinery (node metadata, the metrics context
 process-global. A frame Dynamo must convert meanwhile waits for it, as it would wait
 for a stock compile.
 
-Only on torch versions whose config patches are context variables (2.13): where they
-are process-global (2.11), a ``config.patch`` inside the compile on our thread restores,
-on exit, values the user's thread changed meanwhile (measured on torch 2.11: a pass
-patched around a first call stayed in the config for every later compile).
+The thread compiles under the config the caller had when Dynamo called the backend: in
+a copy of the caller's context where config patches are context variables (2.13); where
+they are process-global (2.11), in a private view of the config (``_compat.
+private_config``), so a ``config.patch`` inside the compile on our thread never restores
+over values the user's thread changed meanwhile.
 
 A graph is deferred only when the compile cannot add guards that Dynamo, having
 returned, would no longer install: no symbolic shapes, no aliased inputs; and only under
@@ -63,8 +64,8 @@ def why_not(settings: Settings, example_inputs: Sequence[Any]) -> str | None:
     """None when this graph's compile can be deferred; else the reason it cannot."""
     if not settings.defer_trace:
         return "off"
-    if not _compat.config_is_context_local():
-        return "torch's config is process-global in this version"
+    if not _compat.config_can_be_private():
+        return "this torch's config cannot be given a thread of its own"
     if getattr(_local, "job", None) is not None:
         return "nested"
     if torch.is_inference_mode_enabled():
@@ -113,7 +114,7 @@ class Deferred:
         # The current CUDA device is per thread, too.
         self._cuda_device = torch.cuda.current_device() if (
             torch.cuda.is_initialized() and not self._on_cpu) else None
-        self._config = _inductor_config()
+        self._private_config = _compat.config_snapshot()
         self._tracing = torch._guards.TracingContext.try_get()
         self._compile_ctx = torch._guards.CompileContext.try_get()
         self._name = f"graph {id(self) % 10000:04d} ({len(gm.graph.nodes)} nodes)"
@@ -162,7 +163,8 @@ class Deferred:
                 self._eager = torch.fx.GraphModule(self._gm, _copy_graph(self._gm.graph))
                 if not _compat.watch_aot_cache_lookup(_looked_up):
                     self._decided.set()
-                with _state(self), isolation.front_thread(), _fast_switching():
+                with _compat.private_config(self._private_config), _state(self), \
+                        isolation.front_thread(), _fast_switching():
                     compiled = compile(self._gm, example_inputs)
                 self._compiled = compiled
         except PoolClosed as e:  # shutdown or interpreter exit: nothing to report
@@ -237,26 +239,13 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     return new
 
 
-def _inductor_config() -> dict[str, Any]:
-    from torch._inductor import config
-
-    return config.get_config_copy()
-
-
 @contextlib.contextmanager
 def _state(job: Deferred) -> Iterator[None]:
-    """On the front thread: the caller's grad mode, tracing and compile contexts, and the
-    Inductor config it had at the backend call, where it differs from the config now
-    (on torch versions whose config is process-global, patching only what differs
-    leaves the rest alone; on 2.13 the copied context already has it). And a training
-    graph's backward is handed to the hook now, not at the first backward through the
-    compiled forward: the first steps ran Dynamo's graph, so that backward would only
-    come after the trace, one step later."""
-    from torch._inductor import config
-
-    now = config.get_config_copy()
-    changed = {k: v for k, v in job._config.items() if now.get(k, v) is not v and
-               now.get(k) != v}
+    """On the front thread: the caller's grad mode, CUDA device, tracing and compile
+    contexts (its config comes with ``_compat.private_config``). And a training graph's
+    backward is handed to the hook now, not at the first backward through the compiled
+    forward: the first steps ran Dynamo's graph, so that backward would only come after
+    the trace, one step later."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.set_grad_enabled(job._grad))
         if job._cuda_device is not None:
@@ -265,8 +254,6 @@ def _state(job: Deferred) -> Iterator[None]:
             stack.enter_context(torch._guards.tracing(job._tracing))
         if job._compile_ctx is not None:
             stack.enter_context(torch._guards.compile_context(job._compile_ctx))
-        if changed:
-            stack.enter_context(config.patch(changed))
         stack.enter_context(_compat.backward_compiled_at_once())
         yield
 

@@ -144,7 +144,8 @@ _prepared: set[str] = set()
 def prepare_parent(device: str | None = None) -> None:
     """Do now, once, the parent's share of a first compile that does not depend on the
     graph: import Inductor's compile path, register the joint-graph patterns for
-    ``device``, hash torch's sources and read the system info (the FX cache key's parts).
+    ``device``, hash torch's sources and read the system info (the FX cache key's parts);
+    on the CPU, probe the vector ISAs that loading compiled code checks first.
     About 1.5-2 s of a cold process that would otherwise fall on the first call, which
     matters most in async modes, where that call should cost little more than eager.
 
@@ -172,6 +173,8 @@ def prepare_parent(device: str | None = None) -> None:
         ("system info", _system_info),
         ("joint-graph patterns", lambda: _joint_graph_patterns(dev)),
     ]
+    if dev.type == "cpu":  # loading compiled CPU code probes the CPU's vector ISAs first
+        steps.append(("CPU vector ISAs", _cpu_isa))
     for name, step in steps:
         try:
             step()
@@ -190,6 +193,12 @@ def _system_info() -> None:
     from torch._inductor.codecache import CacheBase
 
     CacheBase.get_system()
+
+
+def _cpu_isa() -> None:
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    valid_vec_isa_list()
 
 
 def _joint_graph_patterns(dev: Any) -> None:
