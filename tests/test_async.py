@@ -345,3 +345,26 @@ def test_progress_line(capsys: Any) -> None:
     err = capsys.readouterr().err
     assert "graphs compiled in the background, 1 compiling" in err
     assert err.endswith("\r")  # erased once nothing is in flight
+
+
+def test_compiled_module_is_loaded_before_the_swap() -> None:
+    """The receiver loads an arrived compile's module (its C++ or Triton kernels) before
+    offering it, so the call that swaps it in does not load anything: measured, that
+    call took 1.2 s for a tiny GPT-2 on 2 cores and 0.3 s for GPT-2 on the H200."""
+    from torch._inductor.codecache import PyCodeCache
+
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(4, 16)
+    compiled = torch.compile(model, backend=fxoffload.backend(mode="async+subprocess",
+                                                             workers=1))
+    before = len(PyCodeCache.modules)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))  # eager
+        assert fxoffload.wait(300)
+        assert len(PyCodeCache.modules) == before + 1  # loaded on arrival
+        snap = fxoffload.stats()
+        assert snap.swaps == 0 and snap.compiled_runs == 0, snap
+        torch.testing.assert_close(compiled(x), model(x))  # the swap: no second load
+    assert len(PyCodeCache.modules) == before + 1
+    snap = fxoffload.stats()
+    assert snap.swaps == 1 and snap.compiled_runs == 1 and snap.fallback_count == 0, snap

@@ -5,6 +5,7 @@ guards to are traced on the caller's thread; a trace that fails costs no step.""
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -48,12 +49,17 @@ def held_trace() -> Iterator[None]:
 @deferring
 def test_the_caller_does_not_see_the_trace(held_trace: None) -> None:
     """While our thread is inside AOTAutograd's make_fx: another compiled function runs
-    compiled (no 'FX symbolically traces a dynamo-optimized function' error), the FX
-    flag reads unset here, and the random numbers drawn here are not rewound when the
+    compiled (no 'FX symbolically traces a dynamo-optimized function' error, no
+    recompile: the FX patcher's swap of Module.__call__ is not made), the FX flag reads
+    unset here, and the random numbers drawn here are not rewound when the
     trace restores the generator's state."""
-    other = torch.compile(lambda t: t.cos() + 1, backend="eager")
+    lin = torch.nn.Linear(5, 5)
+    other = torch.compile(lambda t: lin(t).cos() + 1, backend="eager")
     y = torch.randn(5)
-    torch.testing.assert_close(other(y), y.cos() + 1)  # compiled before the trace starts
+    with torch.no_grad():
+        expected_other = lin(y).cos() + 1
+        torch.testing.assert_close(other(y), expected_other)  # compiled before the trace
+    module_call, sqrt = torch.nn.Module.__call__, math.sqrt
 
     f = torch.compile(_held_model, backend=fxoffload.backend(mode="async+serde"))
     x = torch.randn(4)
@@ -62,7 +68,11 @@ def test_the_caller_does_not_see_the_trace(held_trace: None) -> None:
     assert fxoffload.stats().background_traces == 1
     torch.manual_seed(1234)
     drawn_during = torch.rand(3)
-    torch.testing.assert_close(other(y), y.cos() + 1)
+    # No FX patch is visible here: Dynamo's guard on Module.__call__ (it inlined lin's
+    # call) holds, so the compiled function runs without a recompile.
+    assert torch.nn.Module.__call__ is module_call and math.sqrt is sqrt
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(other(y), expected_other)
     assert not torch.fx._symbolic_trace.is_fx_tracing()
     assert not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
     TRACE_RELEASE.set()

@@ -1,7 +1,7 @@
 """Process-global state that torch's tracing touches, kept from leaking between a trace
 on fxoffload's front thread (``deferred``) and the user's thread, which goes on running
 the model meanwhile. Torch assumes one compile at a time on the thread that runs the
-model; two of its globals break that assumption:
+model; three of its globals break that assumption:
 
 - **The FX tracing flag.** ``Tracer.trace`` (under ``make_fx``, so under AOTAutograd)
   sets ``torch.fx._symbolic_trace._is_fx_tracing_flag`` for the whole process. Seen from
@@ -14,6 +14,15 @@ model; two of its globals break that assumption:
   front thread that restore would rewind what the user's steps drew meanwhile: dropout
   masks and sampled batches would repeat. Fake tensors draw nothing, so on a front thread
   the save and restore are skipped.
+- **The FX patcher.** ``Tracer.trace`` swaps ``torch.nn.Module.__call__`` and
+  ``__getattr__``, ``torch.fx.wrap``'d functions and ``math``'s functions for wrappers,
+  process-wide, for the length of the trace. Dynamo guards on ``Module.__call__.__code__``
+  wherever it inlined a submodule call, so every compiled model call the user made
+  meanwhile failed its guards and waited for the trace to recompile (measured on the
+  H200, GPT-2: in every run, a 4-5 s call, then a second graph). ``make_fx``'s tracer
+  (``PythonKeyTracer``: ``call_module`` calls ``forward``, ``getattr`` returns the
+  value, and no proxy ever reaches a wrapped function) needs none of them, so on a front
+  thread its trace makes no patches.
 
 Installed on the first deferred trace, never at import.
 """
@@ -80,6 +89,7 @@ def install() -> None:
         _installed = True
         _install_fx_flag_readers()
         _install_rng_guards()
+        _install_quiet_patcher()
 
 
 def _install_fx_flag_readers() -> None:
@@ -115,3 +125,41 @@ def _skipped_on_front_threads(original: Callable[[], Any]) -> Callable[[], Any]:
 
     preserve_rng_state._fxoffload = True  # type: ignore[attr-defined]
     return preserve_rng_state
+
+
+def _install_quiet_patcher() -> None:
+    from torch.fx import _symbolic_trace as module
+    from torch.fx.experimental.proxy_tensor import PythonKeyTracer
+
+    for name in ("patch", "patch_method"):
+        original = getattr(module._Patcher, name, None)
+        if original is not None and not getattr(original, "_fxoffload", False):
+            setattr(module._Patcher, name, _unless_quiet(original))
+    trace = module.Tracer.trace
+    if getattr(trace, "_fxoffload", False):
+        return
+
+    @functools.wraps(trace)
+    def quiet_trace(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not (on_front_thread() and isinstance(self, PythonKeyTracer)):
+            return trace(self, *args, **kwargs)
+        outer = getattr(_local, "quiet", False)
+        _local.quiet = True
+        try:
+            return trace(self, *args, **kwargs)
+        finally:
+            _local.quiet = outer
+
+    quiet_trace._fxoffload = True  # type: ignore[attr-defined]
+    module.Tracer.trace = quiet_trace  # type: ignore[method-assign]
+
+
+def _unless_quiet(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def patch(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_local, "quiet", False):
+            return None
+        return original(self, *args, **kwargs)
+
+    patch._fxoffload = True  # type: ignore[attr-defined]
+    return patch

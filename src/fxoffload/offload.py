@@ -124,17 +124,31 @@ def install(response: protocol.CompileResponse, gm: torch.fx.GraphModule,
     """Replay what the child saw, then make its graph callable here."""
     replay(response, foreign=response.pid != os.getpid())
     check_response(response)
-    from torch._inductor.output_code import CompiledFxGraph, CompiledFxGraphConstantsWithGm
-
-    graph = response.graph
-    if isinstance(graph, CompiledFxGraph):
-        graph.after_deserialization(CompiledFxGraphConstantsWithGm(gm))
+    graph = load(response, gm)
+    if hasattr(graph, "compile_region_name"):
         graph.compile_region_name = compile_region_name
     for key, value in response.boxes.items():
         box = graph_kwargs.get(key)
         if box is not None and hasattr(box, "value"):
             box.value = value
     return graph
+
+
+def load(response: protocol.CompileResponse, gm: torch.fx.GraphModule) -> Any:
+    """The response's graph, loaded (its module, C++ and Triton kernels included), once:
+    the part of an install that costs, which background modes do ahead of the swap. A
+    copy is loaded, so ``response.graph`` stays ready to be written to the FX cache."""
+    from torch._inductor.output_code import CompiledFxGraph, CompiledFxGraphConstantsWithGm
+
+    if response.loaded is None:
+        graph = response.graph
+        if isinstance(graph, CompiledFxGraph):
+            loaded = object.__new__(type(graph))
+            loaded.__dict__.update(graph.__dict__)
+            loaded.after_deserialization(CompiledFxGraphConstantsWithGm(gm))
+            graph = loaded
+        response.loaded = graph
+    return response.loaded
 
 
 def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],

@@ -61,6 +61,9 @@ class CompileResponse:
     boxes: dict[str, Any]  # values of graph_kwargs' mutable boxes after the compile
     pid: int
     compile_s: float
+    # The graph loaded in the parent (``offload.load``), a copy: ``graph`` itself stays
+    # ready to pickle for the FX graph cache entry. Never sent.
+    loaded: Any = None
 
 
 def _cache_dirs() -> tuple[str | None, str | None]:
