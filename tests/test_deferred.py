@@ -86,36 +86,6 @@ def test_the_caller_does_not_see_the_trace(held_trace: None) -> None:
     assert snap.swaps == 1 and snap.compiled_runs == 1 and snap.fallback_count == 0, snap
 
 
-def _two_graphs(x: torch.Tensor) -> torch.Tensor:
-    y = torch.ops.fxoffload_test.held(x.sin())
-    torch._dynamo.graph_break()
-    return y.cos() * 2
-
-
-@deferring
-def test_dynamo_goes_before_a_deferred_trace(held_trace: None) -> None:
-    """A graph's trace waits for the user's Dynamo: after the graph break, Dynamo converts
-    the second frame while the first graph's trace has not started, so the first call
-    returns although that trace is held (without ``dynamo_first`` the second frame's
-    conversion waited for the held trace, until the watchdog let it go)."""
-    f = torch.compile(_two_graphs, backend=fxoffload.backend(mode="async+serde"))
-    x = torch.randn(4)
-    watchdog = threading.Timer(30, TRACE_RELEASE.set)
-    watchdog.start()
-    try:
-        torch.testing.assert_close(f(x), _two_graphs(x))
-        returned_while_held = not TRACE_RELEASE.is_set()
-        assert TRACE_HELD.wait(60), "the first graph's trace never reached the held op"
-    finally:
-        watchdog.cancel()
-        TRACE_RELEASE.set()
-    assert returned_while_held, "the first call waited for the first graph's trace"
-    assert fxoffload.wait(300)
-    torch.testing.assert_close(f(x), _two_graphs(x))
-    snap = fxoffload.stats()
-    assert snap.background_traces == 2 and snap.fallback_count == 0, snap
-
-
 @deferring
 def test_a_trace_in_progress_is_not_seen_from_another_thread_either(held_trace: None) -> None:
     f = torch.compile(_held_model, backend=fxoffload.backend(mode="async+serde"))

@@ -14,9 +14,8 @@ trace and an eager run of Dynamo's own graph, as with ``backend="eager"``.
 
 The thread holds Dynamo's compile lock, as Dynamo's own compiles do, so it never traces
 beside Dynamo: much of the tracing machinery (node metadata, the metrics context) is
-process-global. Between AOTAutograd's cache lookup and its trace it lets the user's
-Dynamo go first (``dynamo_first``): a model's next frames are converted before this
-graph is traced.
+process-global. A frame Dynamo must convert meanwhile waits for it, as it would wait
+for a stock compile.
 
 The thread compiles under the config the caller had when Dynamo called the backend: in
 a copy of the caller's context where config patches are context variables (2.13); where
@@ -43,7 +42,7 @@ from typing import Any
 
 import torch
 
-from . import _compat, cpu_threads, dynamo_first, isolation, offload, timeline
+from . import _compat, cpu_threads, isolation, offload, timeline
 from .background import _finished, _started, exiting
 from .errors import PoolClosed, TraceFailed
 from .settings import Settings
@@ -158,20 +157,16 @@ class Deferred:
         t0 = t1 = time.perf_counter()
         _local.job = self
         try:
-            dynamo_first.acquire(compile_lock, _on_front_thread, self._decided.set)
-            try:
+            with compile_lock:
                 t1 = time.perf_counter()
                 # The caller runs a copy: compile_fx rewrites the graph it is given.
                 self._eager = torch.fx.GraphModule(self._gm, _copy_graph(self._gm.graph))
-                if not _compat.watch_aot_cache_lookup(_looked_up):  # no lookup to wait for
+                if not _compat.watch_aot_cache_lookup(_looked_up):
                     self._decided.set()
-                    dynamo_first.yield_to_dynamo(compile_lock)
                 with _compat.private_config(self._private_config), _state(self), \
                         isolation.front_thread(), _fast_switching():
                     compiled = compile(self._gm, example_inputs)
                 self._compiled = compiled
-            finally:
-                dynamo_first.release(compile_lock)
         except PoolClosed as e:  # shutdown or interpreter exit: nothing to report
             log.debug("fxoffload: deferred compile abandoned: %s", e)
         except BaseException as e:  # noqa: BLE001 - reported to the caller's thread
@@ -230,19 +225,10 @@ def _join_at_exit() -> None:
         thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def _on_front_thread() -> bool:
-    return getattr(_local, "job", None) is not None
-
-
 def _looked_up(hit: bool) -> None:
     job = getattr(_local, "job", None)
     if job is not None and not hit:
         job._decided.set()
-        # Not tracing yet: the user's Dynamo, converting the frames after this graph's
-        # first call, goes first.
-        from torch._dynamo.convert_frame import compile_lock
-
-        dynamo_first.yield_to_dynamo(compile_lock)
 
 
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
