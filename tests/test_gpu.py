@@ -209,7 +209,7 @@ def test_async_transformers_training(name: str) -> None:
         if phase == "eager":
             snap = fxoffload.stats()
             assert snap.eager_runs >= 1 and snap.swaps == 0, snap
-            # static: traced on our thread, where torch's config is context-local
+            # static: traced on our thread, where torch's config can be made private to it
             assert (snap.background_traces >= 1) == config_can_be_private(), snap
             assert fxoffload.wait(600)
     snap = fxoffload.stats()

@@ -124,8 +124,10 @@ def install(response: protocol.CompileResponse, gm: torch.fx.GraphModule,
     """Replay what the child saw, then make its graph callable here."""
     replay(response, foreign=response.pid != os.getpid())
     check_response(response)
+    from torch._inductor.output_code import CompiledFxGraph
+
     graph = load(response, gm)
-    if hasattr(graph, "compile_region_name"):
+    if isinstance(graph, CompiledFxGraph):
         graph.compile_region_name = compile_region_name
     for key, value in response.boxes.items():
         box = graph_kwargs.get(key)
