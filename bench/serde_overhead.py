@@ -1,26 +1,223 @@
-"""What the serde path itself adds to a compile, measured inside one process.
+"""What the serde path itself adds to a first call, phase by phase, in fresh processes.
 
-First-call timings across fresh processes vary by ±10% on a small shared machine, more
-than the serde path costs; fxoffload's own stats time each phase of the path exactly.
-Prints, per model, the compile time (which includes unpickling the request on the child
-side) and the time spent pickling the request, pickling the response ("transfer" in serde
-mode: the child's return path) and loading the response in the parent, as a share of it.
+First-call times across fresh processes vary by ±10% (more on a shared GPU host), far
+more than the boundary costs, so a ratio of two first-call medians cannot resolve 3%.
+Here each phase of the boundary is timed inside the serde run itself:
+
+    encode request ─► decode request (child side) ─► [Inductor compile] ─► encode
+    response ─► decode response ─► load (after_deserialization) ─► replay
+
+and their sum is set against the same model's stock NORMAL first call, measured in its
+own fresh process (empty Inductor/Triton caches for both). Each serde sample also encodes
+and decodes its request three more times ("again"), which separates first-time costs
+from the work; ``--profile`` prints where a second encode/decode spends its time.
+``--configs serde,serde-graphpickler`` compares the lean pickler with torch's GraphPickler.
 
     python bench/serde_overhead.py [--models gpt2,bert,llama] [--device cuda --size bench]
+        [--reps 3] [--configs serde,serde-graphpickler] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-import torch
+HERE = Path(__file__).parent
+MARK = "SERDE_OVERHEAD "
+PHASES = ("encode_request", "decode_request", "encode_response", "decode_response",
+          "load", "replay")
 
-import fxoffload
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _child import build_model
+def _faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+_GC = {"s": 0.0, "start": 0.0}
+
+
+def _gc_clock(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _GC["start"] = time.perf_counter()
+    else:
+        _GC["s"] += time.perf_counter() - _GC["start"]
+
+
+def _timed(owner: Any, name: str, key: str, totals: dict[str, float],
+           keep: dict[str, Any] | None = None) -> None:
+    """Time every call of ``owner.name`` into ``totals[key]``; count the minor page faults
+    it takes (``key + "_faults"``: fresh memory is costly in a VM) and the time the
+    garbage collector ran inside it (``key + "_gc"``)."""
+    fn = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0, f0, g0 = time.perf_counter(), _faults(), _GC["s"]
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            totals[key] = totals.get(key, 0.0) + time.perf_counter() - t0
+            totals[key + "_faults"] = totals.get(key + "_faults", 0) + _faults() - f0
+            totals[key + "_gc"] = totals.get(key + "_gc", 0.0) + _GC["s"] - g0
+        if keep is not None:
+            keep.setdefault(key, (args, kwargs, out))
+        return out
+
+    setattr(owner, name, wrapper)
+
+
+def one(model_name: str, config: str, device: str, size: str, profile: bool) -> dict:
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from _child import build_model
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, make_inputs = build_model(model_name, size, device, dtype, False)
+    model.eval()
+    inputs = make_inputs()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    keep: dict[str, Any] = {}
+    if config.startswith("serde"):
+        import fxoffload
+        from fxoffload import child, offload, pickling, protocol
+
+        if profile:
+            _profile_first(offload, "load", keep)
+
+        if config == "serde-graphpickler":  # torch's GraphPickler instead of the lean one
+            dumps = pickling.dumps
+            pickling.dumps = lambda obj, recorder, lean=False: dumps(obj, recorder, lean=False)
+
+        for owner, name, key in ((protocol, "encode_request", "encode_request"),
+                                 (protocol, "decode_request_body", "decode_request"),
+                                 (protocol, "encode_response", "encode_response"),
+                                 (protocol, "decode_response", "decode_response"),
+                                 (offload, "load", "load"), (offload, "replay", "replay")):
+            _timed(owner, name, key, totals, keep)
+        import gc
+
+        gc.callbacks.append(_gc_clock)
+        # child.py binds protocol's functions through the module, so the wrappers apply.
+        assert child.protocol is protocol
+        compiled = torch.compile(model, backend=fxoffload.backend(mode="serde"))
+    else:
+        compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        compiled(**inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    result: dict[str, Any] = {"model": model_name, "config": config, "first_call_s": first,
+                              "phases": dict(totals)}
+    if config.startswith("serde"):
+        import fxoffload
+
+        stats = fxoffload.stats()
+        result["graphs_offloaded"] = stats.graphs_offloaded
+        result["fallbacks"] = dict(stats.fallbacks)
+        result["compile_s"] = stats.compile_s
+        if "encode_request" not in keep:  # fell back before a request was built
+            raise RuntimeError(f"nothing crossed the boundary: {dict(stats.fallbacks)}")
+        result["again"] = _again(keep)
+        if profile:
+            result["profile"] = keep.get("profile_load", "") + _profile(keep)
+    return result
+
+
+def _profile_first(owner: Any, name: str, keep: dict[str, Any]) -> None:
+    """cProfile the first call of ``owner.name`` (cumulative, top 30) into keep."""
+    import cProfile
+    import io
+    import pstats
+
+    fn = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if f"profile_{name}" in keep:
+            return fn(*args, **kwargs)
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            prof.disable()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
+            keep[f"profile_{name}"] = buf.getvalue()
+
+    setattr(owner, name, wrapper)
+
+
+def _again(keep: dict[str, Any]) -> list[tuple[float, float]]:
+    """Encode and decode the first request three more times: (encode, decode) seconds.
+    Against the first call's phases this separates first-time costs from the work."""
+    from torch._subclasses import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fxoffload import protocol
+
+    (req,), kw, data = keep["encode_request"]
+    out = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        data = protocol.encode_request(req, **kw)
+        t1 = time.perf_counter()
+        protocol.decode_request_body(protocol.split_request(data)[1],
+                                     FakeTensorMode(shape_env=ShapeEnv()))
+        out.append((t1 - t0, time.perf_counter() - t1))
+    return out
+
+
+def _profile(keep: dict[str, Any]) -> str:
+    """cProfile a second encode and decode of the first request, by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    from fxoffload import protocol
+
+    (req,), kw, data = keep["encode_request"]
+    prof = cProfile.Profile()
+    prof.enable()
+    protocol.encode_request(req, **kw)
+    _, body = protocol.split_request(data)
+    from torch._subclasses import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    protocol.decode_request_body(body, FakeTensorMode(shape_env=ShapeEnv()))
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    return buf.getvalue()
+
+
+def run(model_name: str, config: str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="fxoffload-serde-bench-") as tmp:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor",
+                   TRITON_CACHE_DIR=f"{tmp}/triton")
+        cmd = [sys.executable, __file__, "--one", model_name, "--config", config,
+               "--device", args.device, "--size", args.size]
+        if args.profile:
+            cmd.append("--profile")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              timeout=args.timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    raise RuntimeError(f"{model_name}/{config} failed (rc {proc.returncode}):\n"
+                       f"{proc.stderr[-3000:]}")
 
 
 def main() -> None:
@@ -28,23 +225,62 @@ def main() -> None:
     p.add_argument("--models", default="gpt2,bert,llama")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--size", choices=("tiny", "bench"), default="tiny")
+    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--configs", default="serde",
+                   help="serde (the lean pickler), serde-graphpickler (torch's GraphPickler)")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--config", default="serde", help=argparse.SUPPRESS)
+    p.add_argument("--json", help="also write every sample here")
     args = p.parse_args()
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    torch._inductor.config.fx_graph_cache = False
-    print("| model | graphs | compile (s) | pickle request (s) | pickle response (s) | "
-          "load response (s) | added |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    if args.one:
+        print(MARK + json.dumps(one(args.one, args.config, args.device, args.size,
+                                    args.profile)), flush=True)
+        return
+
+    configs = args.configs.split(",")
+    samples = []
+    print("| model | config | stock first call (s) | serde first call (s) | compile (s) | "
+          + " | ".join(f"{ph} (s)" for ph in PHASES) + " | boundary (s) | x stock first call |")
+    print("|---|---|" + "---:|" * (len(PHASES) + 6))
     for name in args.models.split(","):
-        model, make_inputs = build_model(name, args.size, args.device, dtype, False)
-        model.eval()
-        torch._dynamo.reset()
-        fxoffload.reset_stats()
-        with torch.no_grad():
-            torch.compile(model, backend=fxoffload.backend(mode="serde"))(**make_inputs())
-        s = fxoffload.stats()
-        added = s.serialize_s + s.transfer_s + s.deserialize_s
-        print(f"| {name} | {s.graphs_offloaded} | {s.compile_s:.2f} | {s.serialize_s:.3f} | "
-              f"{s.transfer_s:.3f} | {s.deserialize_s:.3f} | {added / s.compile_s:.1%} |")
+        for _ in range(args.reps):
+            stock = run(name, "stock", args)
+            samples.append(stock)
+            for config in configs:
+                serde = run(name, config, args)
+                samples.append(serde)
+                ph = serde["phases"]
+                serde["boundary_s"] = boundary = sum(ph.get(k, 0.0) for k in PHASES)
+                serde["stock_first_call_s"] = stock["first_call_s"]
+                print(f"| {name} | {config} | {stock['first_call_s']:.2f} | "
+                      f"{serde['first_call_s']:.2f} | {serde['compile_s']:.2f} | "
+                      + " | ".join(f"{ph.get(k, 0.0):.3f}" for k in PHASES)
+                      + f" | {boundary:.3f} | {boundary / stock['first_call_s']:.1%} |",
+                      flush=True)
+                print("  encode/decode again: " + ", ".join(
+                    f"{e:.3f}/{d:.3f}" for e, d in serde["again"])
+                    + "; first call's page faults: " + ", ".join(
+                    f"{k} {ph.get(k + '_faults', 0)}" for k in (*PHASES[:2], "load"))
+                    + "; in the collector: " + ", ".join(
+                    f"{k} {ph.get(k + '_gc', 0.0):.3f} s" for k in (*PHASES[:2], "load")))
+                if serde.get("fallbacks"):
+                    print(f"  fallbacks: {serde['fallbacks']}")
+                if "profile" in serde:
+                    print(serde["profile"])
+    print("\nMedians over reps (boundary / median stock first call):\n")
+    print("| model | config | boundary (s) | stock first call (s) | added |")
+    print("|---|---|---:|---:|---:|")
+    for name in args.models.split(","):
+        stock_med = statistics.median(x["first_call_s"] for x in samples
+                                      if x["model"] == name and x["config"] == "stock")
+        for config in configs:
+            b = statistics.median(x["boundary_s"] for x in samples
+                                  if x["model"] == name and x["config"] == config)
+            print(f"| {name} | {config} | {b:.3f} | {stock_med:.2f} | {b / stock_med:.1%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(samples, indent=1))
 
 
 if __name__ == "__main__":

@@ -62,13 +62,17 @@ def _defining_module(qualname: str) -> str | None:
     return getattr(fn, "__module__", None)
 
 
-def dumps(obj: Any, recorder: OpRecorder) -> bytes:
-    """GraphPickler.dumps with our filter; pickling failures become NotOffloadable."""
+def dumps(obj: Any, recorder: OpRecorder, *, lean: bool = True) -> bytes:
+    """GraphPickler.dumps with our filter (by default through ``lean_pickler``, which
+    GraphPickler.loads reads); pickling failures become NotOffloadable."""
     from torch._inductor.codecache import BypassFxGraphCache
     from torch.fx._graph_pickler import GraphPickler
 
+    from .lean_pickler import LeanPickler
+
+    pickler = LeanPickler if lean else GraphPickler
     try:
-        return GraphPickler.dumps(obj, graph_pickler_options(recorder))
+        return pickler.dumps(obj, graph_pickler_options(recorder))
     except NotOffloadable:
         raise
     except BypassFxGraphCache as e:
