@@ -93,6 +93,7 @@ def one(model_name: str, config: str, device: str, size: str, profile: bool) -> 
         from fxoffload import child, offload, pickling, protocol
 
         if profile:
+            _load_detail(keep)
             _profile_first(offload, "load", keep)
 
         if config == "serde-graphpickler":  # torch's GraphPickler instead of the lean one
@@ -129,10 +130,13 @@ def one(model_name: str, config: str, device: str, size: str, profile: bool) -> 
         result["fallbacks"] = dict(stats.fallbacks)
         result["compile_s"] = stats.compile_s
         if "encode_request" not in keep:  # fell back before a request was built
-            raise RuntimeError(f"nothing crossed the boundary: {dict(stats.fallbacks)}")
+            raise RuntimeError("nothing crossed the boundary (an FX graph cache hit? run "
+                               f"with an empty TORCHINDUCTOR_CACHE_DIR); fallbacks: "
+                               f"{dict(stats.fallbacks)}")
         result["again"] = _again(keep)
         if profile:
             result["profile"] = keep.get("profile_load", "") + _profile(keep)
+            result["load_detail"] = keep.get("load_detail", {})
     return result
 
 
@@ -158,6 +162,60 @@ def _profile_first(owner: Any, name: str, keep: dict[str, Any]) -> None:
             keep[f"profile_{name}"] = buf.getvalue()
 
     setattr(owner, name, wrapper)
+
+
+def _load_detail(keep: dict[str, Any]) -> None:
+    """Per-call timings inside the parent's loads (GPU): Triton kernel lookups (and
+    whether Inductor's in-memory kernel cache had each), the wait for kernels, and the
+    FX-cache bundler's copies. Into keep["load_detail"]."""
+    from torch._inductor import async_compile
+    from torch._inductor.async_compile import AsyncCompile, CompiledTritonKernels
+
+    detail = keep.setdefault("load_detail", {})
+
+    def timed(owner: Any, name: str, label: str, hit: bool = False) -> None:
+        fn = getattr(owner, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not detail.get("in_load"):
+                return fn(*args, **kwargs)
+            if hit and len(args) >= 3:
+                key = "kernel_cache_hits" if CompiledTritonKernels.get(args[2]) is not None \
+                    else "kernel_cache_misses"
+                detail[key] = detail.get(key, 0) + 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                d = detail.setdefault(label, [0, 0.0])
+                d[0] += 1
+                d[1] += time.perf_counter() - t0
+
+        setattr(owner, name, wrapper)
+
+    timed(AsyncCompile, "triton", "triton", hit=True)
+    timed(AsyncCompile, "wait", "wait")
+    try:
+        from torch._inductor.triton_bundler import TritonBundler
+
+        timed(TritonBundler, "put_static_autotuner", "put_static_autotuner")
+    except (ImportError, AttributeError):
+        pass
+    if os.environ.get("SERDE_BENCH_KEEP_KERNELS"):  # experiment: no removal on a hit
+        CompiledTritonKernels.remove_future = staticmethod(lambda src: None)
+    del async_compile
+    from fxoffload import offload
+
+    load = offload.load
+
+    def in_load(*args: Any, **kwargs: Any) -> Any:
+        detail["in_load"] = True
+        try:
+            return load(*args, **kwargs)
+        finally:
+            detail["in_load"] = False
+
+    offload.load = in_load
 
 
 def _again(keep: dict[str, Any]) -> list[tuple[float, float]]:
