@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch._inductor.output_code import OutputCode
 
-from . import cpu_threads, offload, progress, protocol, timeline
+from . import cpu_threads, isolation, offload, progress, protocol, timeline
 from ._compat import write_fx_cache_entry
 from .errors import FxOffloadError, NotOffloadable, PoolClosed
 from .executors import get_executor
@@ -128,8 +128,7 @@ class BackgroundOutput(OutputCode):
         # The creating thread's context (its config, on torch versions where config is
         # context-local), for work done ahead of the swap on the receiver thread.
         self._context = contextvars.copy_context()
-        self._cuda_device = torch.cuda.current_device() if (
-            not on_cpu and torch.cuda.is_initialized()) else None
+        self._cuda_device = isolation.caller_cuda_device(on_cpu)
 
     # -- OutputCode ---------------------------------------------------------------
     def __call__(self, args: list[Any]) -> Any:
@@ -246,9 +245,7 @@ class BackgroundOutput(OutputCode):
         """Load the compiled module ahead of the swap. A failure here is left to the
         swap, which loads again on the caller's thread and reports it there."""
         try:
-            device = (torch.cuda.device(self._cuda_device) if self._cuda_device is not None
-                      else contextlib.nullcontext())
-            with device:
+            with isolation.on_cuda_device(self._cuda_device):
                 offload.load(response, self._gm)
         except Exception as e:  # noqa: BLE001 - retried, and reported, at the swap
             log.debug("fxoffload: loading a compiled graph ahead of its swap failed: %s", e)

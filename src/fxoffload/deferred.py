@@ -111,9 +111,7 @@ class Deferred:
         self._decided = threading.Event()  # the first call may run eagerly, or _done
         self._done = threading.Event()
         self._grad = torch.is_grad_enabled()
-        # The current CUDA device is per thread, too.
-        self._cuda_device = torch.cuda.current_device() if (
-            torch.cuda.is_initialized() and not self._on_cpu) else None
+        self._cuda_device = isolation.caller_cuda_device(self._on_cpu)
         self._private_config = _compat.config_snapshot()
         self._tracing = torch._guards.TracingContext.try_get()
         self._compile_ctx = torch._guards.CompileContext.try_get()
@@ -248,8 +246,7 @@ def _state(job: Deferred) -> Iterator[None]:
     the trace, one step later."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.set_grad_enabled(job._grad))
-        if job._cuda_device is not None:
-            stack.enter_context(torch.cuda.device(job._cuda_device))
+        stack.enter_context(isolation.on_cuda_device(job._cuda_device))
         if job._tracing is not None:
             stack.enter_context(torch._guards.tracing(job._tracing))
         if job._compile_ctx is not None:

@@ -24,7 +24,9 @@ model; three of its globals break that assumption:
   value, and no proxy ever reaches a wrapped function) needs none of them, so on a front
   thread its trace makes no patches.
 
-Installed on the first deferred trace, never at import.
+Installed on the first deferred trace, never at import. Per-thread state that our
+threads must take over from the caller's instead (the current CUDA device) is read with
+``caller_cuda_device`` and set with ``on_cuda_device``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,22 @@ def front_thread() -> Iterator[None]:
         with _lock:
             _fronts -= 1
         _local.front = False
+
+
+def caller_cuda_device(on_cpu: bool) -> int | None:
+    """The calling thread's current CUDA device (per thread in torch), for work done for
+    it on our threads; None for a CPU graph or before CUDA is initialised."""
+    import torch
+
+    if on_cpu or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.current_device()
+
+
+def on_cuda_device(index: int | None) -> contextlib.AbstractContextManager[Any]:
+    import torch
+
+    return torch.cuda.device(index) if index is not None else contextlib.nullcontext()
 
 
 def on_front_thread() -> bool:

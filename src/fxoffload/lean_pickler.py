@@ -39,12 +39,16 @@ class _Ref(int):
 
 
 def _encode_args(a: Any, index: dict[torch.fx.Node, int]) -> Any:
+    """Node references swapped for ``_Ref``s. FX's immutable containers become plain ones:
+    ``Graph.create_node`` turns them back (``map_aggregate``), and plain ones pickle
+    without a reducer call."""
     t = type(a)
     if t is torch.fx.Node:
         return _Ref(index[a])
-    if t is tuple or t is torch.fx.immutable_collections.immutable_list or t is list:
-        return t([_encode_args(x, index) for x in a]) if t is not tuple \
-            else tuple([_encode_args(x, index) for x in a])
+    if t is tuple:
+        return tuple([_encode_args(x, index) for x in a])
+    if t is list or t is torch.fx.immutable_collections.immutable_list:
+        return [_encode_args(x, index) for x in a]
     if t is dict or t is torch.fx.immutable_collections.immutable_dict:
         return {k: _encode_args(v, index) for k, v in a.items()}
     if t is slice:
@@ -64,9 +68,9 @@ def _decode_args(a: Any, nodes: list[torch.fx.Node]) -> Any:
         return nodes[a]
     if t is tuple:
         return tuple([_decode_args(x, nodes) for x in a])
-    if t is list or t is torch.fx.immutable_collections.immutable_list:
+    if t is list:
         return [_decode_args(x, nodes) for x in a]
-    if t is dict or t is torch.fx.immutable_collections.immutable_dict:
+    if t is dict:
         return {k: _decode_args(v, nodes) for k, v in a.items()}
     if t is slice:
         return slice(_decode_args(a.start, nodes), _decode_args(a.stop, nodes),
