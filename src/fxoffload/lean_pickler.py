@@ -9,8 +9,9 @@ tensor — and ``MetaConverter.meta_tensor`` on the way back. On bench-size GPT-
 ~1100 tensors and ~900 nodes, most of the boundary's cost, and most of the memory it
 touches for the first time (page faults dominated its first call on a GPU host).
 
-Here a node's references are swapped by a direct walk, and a *plain* fake tensor (static
-sizes, dense, strided, no autograd state, no conj/neg/zero bits, no constant) is written
+Here a node's references are swapped by FX's own ``map_arg``/``map_aggregate`` (C++),
+and a *plain* fake tensor (static sizes, dense, strided, no autograd state, no
+conj/neg/zero bits, no constant) is written
 as its storage id, sizes, strides, offset, dtype and device; a view of one as its base
 plus ``as_strided`` arguments, so it comes back a view (``_is_view()``) of the same
 storage, as Inductor's lowering checks. Storage ids come from GraphPickler's describer
@@ -30,55 +31,14 @@ from torch.fx._graph_pickler import (
     _GraphModulePickleData,
     _OpPickleData,
 )
+from torch.fx.immutable_collections import immutable_dict, immutable_list
+from torch.fx.node import map_aggregate, map_arg
 
 
 class _Ref(int):
     """A node reference inside another node's args: the referenced node's index."""
 
     __slots__ = ()
-
-
-def _encode_args(a: Any, index: dict[torch.fx.Node, int]) -> Any:
-    """Node references swapped for ``_Ref``s. FX's immutable containers become plain ones:
-    ``Graph.create_node`` turns them back (``map_aggregate``), and plain ones pickle
-    without a reducer call."""
-    t = type(a)
-    if t is torch.fx.Node:
-        return _Ref(index[a])
-    if t is tuple:
-        return tuple([_encode_args(x, index) for x in a])
-    if t is list or t is torch.fx.immutable_collections.immutable_list:
-        return [_encode_args(x, index) for x in a]
-    if t is dict or t is torch.fx.immutable_collections.immutable_dict:
-        return {k: _encode_args(v, index) for k, v in a.items()}
-    if t is slice:
-        return slice(_encode_args(a.start, index), _encode_args(a.stop, index),
-                     _encode_args(a.step, index))
-    if isinstance(a, tuple):  # namedtuples, torch.Size
-        mapped = [_encode_args(x, index) for x in a]
-        return type(a)(*mapped) if hasattr(a, "_fields") else type(a)(mapped)
-    if isinstance(a, torch.fx.Node):
-        return _Ref(index[a])
-    return a
-
-
-def _decode_args(a: Any, nodes: list[torch.fx.Node]) -> Any:
-    t = type(a)
-    if t is _Ref:
-        return nodes[a]
-    if t is tuple:
-        return tuple([_decode_args(x, nodes) for x in a])
-    if t is list:
-        return [_decode_args(x, nodes) for x in a]
-    if t is dict:
-        return {k: _decode_args(v, nodes) for k, v in a.items()}
-    if t is slice:
-        return slice(_decode_args(a.start, nodes), _decode_args(a.stop, nodes),
-                     _decode_args(a.step, nodes))
-    if isinstance(a, tuple):
-        mapped = [_decode_args(x, nodes) for x in a]
-        return type(a)(*mapped) if hasattr(a, "_fields") else type(a)(mapped)
-    return a
 
 
 class _LeanGraph:
@@ -90,21 +50,28 @@ class _LeanGraph:
         self._codegen = graph._codegen
         keep = options.node_metadata_key_filter
         index: dict[torch.fx.Node, int] = {}
+
+        def ref(node: torch.fx.Node) -> _Ref:
+            return _Ref(index[node])
+
         nodes = []
         for i, node in enumerate(graph.nodes):
             index[node] = i
             meta = node.meta if not keep else {k: v for k, v in node.meta.items() if keep(k)}
             nodes.append((node.op, node.name, _OpPickleData.pickle(node.target, options),
-                          _encode_args(node.args, index), _encode_args(node.kwargs, index),
-                          node.type, meta))
+                          map_arg(node.args, ref), map_arg(node.kwargs, ref), node.type, meta))
         self.nodes = nodes
 
     def unpickle(self, gm: torch.fx.GraphModule, unpickle_state: Any) -> torch.fx.Graph:
         graph = torch.fx.Graph(gm, self.tracer_cls, self.tracer_extras)
         made: list[torch.fx.Node] = []
+
+        def node_of(x: Any) -> Any:
+            return made[x] if type(x) is _Ref else x
+
         for op, name, target, args, kwargs, type_, meta in self.nodes:
             node = graph.create_node(op, target.unpickle(unpickle_state),
-                                     _decode_args(args, made), _decode_args(kwargs, made),
+                                     map_aggregate(args, node_of), map_aggregate(kwargs, node_of),
                                      name, type_)
             node.meta = meta
             made.append(node)
@@ -165,8 +132,9 @@ def _unpickle_tensor(unpickle_state: Any, base: FakeTensor | None, storage_id: i
 
 # Types whose default pickling is right: skip GraphPickler's chain of isinstance checks.
 _DEFAULT_TYPES = frozenset({int, float, str, bytes, bool, type(None), tuple, list, dict,
-                            slice, set, frozenset, torch.dtype, torch.device, torch.Size,
-                            torch.memory_format, torch.layout, _Ref})
+                            slice, set, frozenset, immutable_list, immutable_dict,
+                            torch.dtype, torch.device, torch.Size, torch.memory_format,
+                            torch.layout, _Ref})
 
 
 class LeanPickler(GraphPickler):
