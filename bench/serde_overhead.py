@@ -168,7 +168,6 @@ def _load_detail(keep: dict[str, Any]) -> None:
     """Per-call timings inside the parent's loads (GPU): Triton kernel lookups (and
     whether Inductor's in-memory kernel cache had each), the wait for kernels, and the
     FX-cache bundler's copies. Into keep["load_detail"]."""
-    from torch._inductor import async_compile
     from torch._inductor.async_compile import AsyncCompile, CompiledTritonKernels
 
     detail = keep.setdefault("load_detail", {})
@@ -203,7 +202,6 @@ def _load_detail(keep: dict[str, Any]) -> None:
         pass
     if os.environ.get("SERDE_BENCH_KEEP_KERNELS"):  # experiment: no removal on a hit
         CompiledTritonKernels.remove_future = staticmethod(lambda src: None)
-    del async_compile
     from fxoffload import offload
 
     load = offload.load
