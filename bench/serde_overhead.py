@@ -129,6 +129,7 @@ def one(model_name: str, config: str, device: str, size: str, profile: bool) -> 
         result["graphs_offloaded"] = stats.graphs_offloaded
         result["fallbacks"] = dict(stats.fallbacks)
         result["compile_s"] = stats.compile_s
+        result["kernels_reused"] = stats.kernels_reused
         if "encode_request" not in keep:  # fell back before a request was built
             raise RuntimeError("nothing crossed the boundary (an FX graph cache hit? run "
                                f"with an empty TORCHINDUCTOR_CACHE_DIR); fallbacks: "
@@ -320,7 +321,8 @@ def main() -> None:
                     + "; first call's page faults: " + ", ".join(
                     f"{k} {ph.get(k + '_faults', 0)}" for k in (*PHASES[:2], "load"))
                     + "; in the collector: " + ", ".join(
-                    f"{k} {ph.get(k + '_gc', 0.0):.3f} s" for k in (*PHASES[:2], "load")))
+                    f"{k} {ph.get(k + '_gc', 0.0):.3f} s" for k in (*PHASES[:2], "load"))
+                    + f"; Triton kernels reused by the load: {serde.get('kernels_reused', 0)}")
                 if serde.get("fallbacks"):
                     print(f"  fallbacks: {serde['fallbacks']}")
                 if "profile" in serde:

@@ -44,6 +44,10 @@ def _compare(make: Any, run: Any, mode: str, tmp_path: Any, min_graphs: int = 1)
     snap = fxoffload.stats()
     assert dict(snap.fallbacks) == {}
     assert snap.graphs_offloaded == len(s_code) >= min_graphs
+    # serde's load takes every Triton kernel from the in-process compile (none loaded twice)
+    kernels = sum(code.count("= async_compile.triton(") for code in o_code)
+    assert snap.kernels_reused == (kernels if mode == "serde" else 0)
+    assert kernels > 0
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -109,7 +113,7 @@ SCRIPT = textwrap.dedent("""
     m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.LayerNorm(64))
     m = m.cuda()
     backend = "inductor" if sys.argv[1] == "stock" else fxoffload.backend(
-        mode="subprocess", workers=1)
+        mode=sys.argv[1], workers=1)
     with torch.no_grad():
         out = torch.compile(m, backend=backend)(torch.ones(8, 64, device="cuda"))
     print(json.dumps({"inductor": dict(counters["inductor"]),
@@ -127,15 +131,16 @@ def _run(kind: str, cache: str, triton: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_worker_triton_kernels_reach_the_parents_cache_entry(tmp_path: Any) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_worker_triton_kernels_reach_the_parents_cache_entry(mode: str, tmp_path: Any) -> None:
     stock = _run("stock", str(tmp_path / "stock"), str(tmp_path / "t-stock"))
-    first = _run("ours", str(tmp_path / "ours"), str(tmp_path / "t1"))
+    first = _run(mode, str(tmp_path / "ours"), str(tmp_path / "t1"))
     assert first["offloaded"] == 1
     saved = first["inductor"].get("triton_bundler_save_kernel", 0)
     assert saved == stock["inductor"].get("triton_bundler_save_kernel", 0) > 0
     # A second process with an empty Triton cache: FX cache hit, kernels come from the
     # bundle in the parent's cache entry, nothing is compiled or offloaded.
-    second = _run("ours", str(tmp_path / "ours"), str(tmp_path / "t2"))
+    second = _run(mode, str(tmp_path / "ours"), str(tmp_path / "t2"))
     assert second["offloaded"] == 0
     assert second["inductor"].get("fxgraph_cache_hit", 0) == 1
     assert second["inductor"].get("triton_bundler_read_and_emit_kernel", 0) == saved

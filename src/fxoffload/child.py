@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import protocol
+from . import kernel_reuse, protocol
 from ._compat import clear_inductor_caches, no_save_output_code
 from .protocol import CompileResponse, Preamble
 from .state import captured_logs, restored
@@ -103,7 +103,11 @@ def compile_request(data: bytes, *, in_parent: bool = False) -> bytes:
             f"custom op(s) {', '.join(missing)} are not registered in the worker; name the "
             "module that registers them in worker_imports / FXOFFLOAD_WORKER_IMPORTS",
         ))
-    return protocol.encode_response(_compile(body))
+    response = _compile(body)
+    if in_parent and response.graph is not None:
+        # The parent's load of this very response can take the kernels just loaded.
+        kernel_reuse.remember(response.graph)
+    return protocol.encode_response(response)
 
 
 def _compile(body: bytes) -> CompileResponse:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import protocol, timeline
+from . import kernel_reuse, protocol, timeline
 from .errors import FxOffloadError, NotOffloadable, RemoteCompileError
 from .executors import get_executor
 from .settings import Settings
@@ -147,7 +147,10 @@ def load(response: protocol.CompileResponse, gm: torch.fx.GraphModule) -> Any:
         if isinstance(graph, CompiledFxGraph):
             loaded = object.__new__(type(graph))
             loaded.__dict__.update(graph.__dict__)
-            loaded.after_deserialization(CompiledFxGraphConstantsWithGm(gm))
+            with kernel_reuse.reusing(graph.source_code) as reused:
+                loaded.after_deserialization(CompiledFxGraphConstantsWithGm(gm))
+            if reused:
+                STATS.add(kernels_reused=len(reused))
             graph = loaded
         response.loaded = graph
     return response.loaded

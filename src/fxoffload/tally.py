@@ -33,6 +33,7 @@ class Snapshot:
     queue_wait_s: float  # time compiles waited for a free worker
     background_traces: int  # graphs whose AOTAutograd trace ran on fxoffload's thread
     trace_s: float  # time those traces took (AOTAutograd, Inductor's front half, pickling)
+    kernels_reused: int  # Triton kernels an in-process compile handed to the parent's load
 
     @property
     def fallback_count(self) -> int:
@@ -70,6 +71,7 @@ class Stats:
             self.queue_wait_s = 0.0
             self.background_traces = 0
             self.trace_s = 0.0
+            self.kernels_reused = 0
 
     def add(self, **amounts: float) -> None:
         with self._lock:
@@ -108,6 +110,7 @@ class Stats:
                 queue_wait_s=self.queue_wait_s,
                 background_traces=self.background_traces,
                 trace_s=self.trace_s,
+                kernels_reused=self.kernels_reused,
             )
 
 
