@@ -106,20 +106,27 @@ def one(model_name: str, config: str, device: str, size: str, profile: bool) -> 
                                  (protocol, "decode_response", "decode_response"),
                                  (offload, "load", "load"), (offload, "replay", "replay")):
             _timed(owner, name, key, totals, keep)
-        import gc
-
-        gc.callbacks.append(_gc_clock)
         # child.py binds protocol's functions through the module, so the wrappers apply.
         assert child.protocol is protocol
         compiled = torch.compile(model, backend=fxoffload.backend(mode="serde"))
     else:
         compiled = torch.compile(model)
+    import gc
+
+    from torch._inductor.compile_fx import _InProcessFxCompile
+
+    gc.callbacks.append(_gc_clock)
+    # Inductor's own compile, in both configs (serde's child calls the same method): does
+    # the compile itself run as fast on the far side of the boundary as in stock?
+    _timed(_InProcessFxCompile, "codegen_and_compile", "inductor_compile", totals)
+    gc0 = _GC["s"]
     t0 = time.perf_counter()
     with torch.no_grad():
         compiled(**inputs)
     if device == "cuda":
         torch.cuda.synchronize()
     first = time.perf_counter() - t0
+    totals["first_call_gc"] = _GC["s"] - gc0
     result: dict[str, Any] = {"model": model_name, "config": config, "first_call_s": first,
                               "phases": dict(totals)}
     if config.startswith("serde"):
@@ -323,20 +330,36 @@ def main() -> None:
                     + "; in the collector: " + ", ".join(
                     f"{k} {ph.get(k + '_gc', 0.0):.3f} s" for k in (*PHASES[:2], "load"))
                     + f"; Triton kernels reused by the load: {serde.get('kernels_reused', 0)}")
+                sp = stock["phases"]
+                print("  Inductor's compile (codegen_and_compile): stock "
+                      f"{sp.get('inductor_compile', 0.0):.2f} s (collector "
+                      f"{sp.get('inductor_compile_gc', 0.0):.2f} s), {config} "
+                      f"{ph.get('inductor_compile', 0.0):.2f} s (collector "
+                      f"{ph.get('inductor_compile_gc', 0.0):.2f} s); collector in the whole "
+                      f"first call: stock {sp.get('first_call_gc', 0.0):.2f} s, {config} "
+                      f"{ph.get('first_call_gc', 0.0):.2f} s")
                 if serde.get("fallbacks"):
                     print(f"  fallbacks: {serde['fallbacks']}")
                 if "profile" in serde:
                     print(serde["profile"])
     print("\nMedians over reps (boundary / median stock first call):\n")
-    print("| model | config | boundary (s) | stock first call (s) | added |")
-    print("|---|---|---:|---:|---:|")
+    print("| model | config | boundary (s) | stock first call (s) | added | "
+          "serde first call (s) | x stock | Inductor compile, stock (s) | the same, serde (s) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):
         stock_med = statistics.median(x["first_call_s"] for x in samples
+                                      if x["model"] == name and x["config"] == "stock")
+        stock_ind = statistics.median(x["phases"].get("inductor_compile", 0.0) for x in samples
                                       if x["model"] == name and x["config"] == "stock")
         for config in configs:
             b = statistics.median(x["boundary_s"] for x in samples
                                   if x["model"] == name and x["config"] == config)
-            print(f"| {name} | {config} | {b:.3f} | {stock_med:.2f} | {b / stock_med:.1%} |")
+            ind = statistics.median(x["phases"].get("inductor_compile", 0.0) for x in samples
+                                    if x["model"] == name and x["config"] == config)
+            first = statistics.median(x["first_call_s"] for x in samples
+                                      if x["model"] == name and x["config"] == config)
+            print(f"| {name} | {config} | {b:.3f} | {stock_med:.2f} | {b / stock_med:.1%} | "
+                  f"{first:.2f} | {first / stock_med:.2f}x | {stock_ind:.2f} | {ind:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(samples, indent=1))
 
