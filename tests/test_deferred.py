@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -188,3 +189,33 @@ def test_config_is_private_to_the_front_thread(held_trace: None) -> None:
     torch.testing.assert_close(f(x), _held_model(x))
     snap = fxoffload.stats()
     assert snap.swaps == 1 and snap.fallback_count == 0, snap
+
+
+@deferring
+def test_a_trace_waits_for_the_serde_threads_compile(held_trace: None, tmp_path: Any) -> None:
+    """torch.fx.traceback's node metadata is process-global, so a deferred trace and
+    async+serde's compile on our other thread must not overlap (a trace failed with
+    'Expected current_level > 0' when they did); the caller runs eagerly meanwhile."""
+    from extensions import WaitsForFile
+
+    gate = tmp_path / "release"
+    backend = fxoffload.backend(mode="async+serde")
+    x = torch.randn(4)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=WaitsForFile(
+            str(gate), serde_thread=True)):
+        first = torch.compile(lambda t: t.cos() * 3, backend=backend)
+        torch.testing.assert_close(first(x), x.cos() * 3)  # eager; its compile waits
+        deadline = time.monotonic() + 60
+        while fxoffload.stats().background_compiles < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # the serde thread has taken the request: it compiles now
+        second = torch.compile(_held_model, backend=backend)
+        torch.testing.assert_close(second(x), _held_model(x))  # eager, not blocked
+        assert not TRACE_HELD.wait(1.0), "the trace ran beside the serde thread's compile"
+        gate.touch()
+        assert TRACE_HELD.wait(60), "the trace never ran after the compile"
+        TRACE_RELEASE.set()
+        assert fxoffload.wait(120)
+    torch.testing.assert_close(first(x), x.cos() * 3)
+    torch.testing.assert_close(second(x), _held_model(x))
+    assert dict(fxoffload.stats().fallbacks) == {}

@@ -318,8 +318,9 @@ class BackgroundOutput(OutputCode):
         from .child import compile_request
 
         try:  # the serde path: the same request, compiled on this thread
-            stage.response = protocol.decode_response(
-                compile_request(stage.request, in_parent=True), self._fake_mode)
+            with isolation.taking_turns():
+                raw = compile_request(stage.request, in_parent=True)
+            stage.response = protocol.decode_response(raw, self._fake_mode)
         except FxOffloadError as e:
             offload.note_failure(getattr(e, "reason", "fallback_failed"), e,
                                  "the in-process compile failed too; running eagerly")

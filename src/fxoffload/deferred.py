@@ -155,10 +155,22 @@ class Deferred:
         t0 = t1 = time.perf_counter()
         _local.job = self
         try:
-            with compile_lock:
+            with contextlib.ExitStack() as locks:
+                locks.enter_context(compile_lock)
                 t1 = time.perf_counter()
                 # The caller runs a copy: compile_fx rewrites the graph it is given.
                 self._eager = torch.fx.GraphModule(self._gm, _copy_graph(self._gm.graph))
+                if not isolation.turn.acquire(blocking=False):
+                    # async+serde compiles on another of our threads now (isolation:
+                    # the FX node metadata). Wait for it without Dynamo's lock, the
+                    # caller running this graph eagerly meanwhile.
+                    locks.close()
+                    self._decided.set()
+                    isolation.turn.acquire()
+                    locks.callback(isolation.turn.release)
+                    locks.enter_context(compile_lock)
+                else:
+                    locks.callback(isolation.turn.release)
                 if not _compat.watch_aot_cache_lookup(_looked_up):
                     self._decided.set()
                 with _compat.private_config(self._private_config), _state(self), \

@@ -24,6 +24,17 @@ model; three of its globals break that assumption:
   value, and no proxy ever reaches a wrapped function) needs none of them, so on a front
   thread its trace makes no patches.
 
+One more global cannot be kept apart per thread: **the FX node metadata**
+(``torch.fx.traceback``'s ``current_meta`` and ``should_preserve_node_meta``), which
+``preserve_node_meta()`` saves on entry and puts back on exit, and which autograd's
+``set/reset_grad_fn_seq_nr`` update while AOTAutograd traces a backward. Two traces that
+overlap without nesting put back each other's state (a deferred trace failed with
+"Expected current_level > 0, got 0" when ``async+serde``'s compile thread finished a
+compile under it). So fxoffload's own threads that trace or compile in this process take
+turns (``taking_turns``). A deferred trace is kept apart from the user's thread (Dynamo)
+by Dynamo's compile lock, which it holds while it traces; ``async+serde``'s compile
+thread is not (that mode is for tests and debugging).
+
 Installed on the first deferred trace, never at import. Per-thread state that our
 threads must take over from the caller's instead (the current CUDA device) is read with
 ``caller_cuda_device`` and set with ``on_cuda_device``.
@@ -41,6 +52,17 @@ _local = threading.local()  # .front: this thread runs a deferred trace
 _lock = threading.Lock()
 _fronts = 0  # front threads tracing now
 _installed = False
+
+
+# fxoffload's threads that trace or compile in this process (see the module docstring).
+turn = threading.RLock()
+
+
+@contextlib.contextmanager
+def taking_turns() -> Iterator[None]:
+    """Hold ``turn`` for a compile on one of fxoffload's threads in this process."""
+    with turn:
+        yield
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import Future
 
+from .. import isolation
 from ..child import compile_request
 from ..errors import PoolClosed
 from .base import Executor
@@ -63,7 +64,9 @@ class InProcessExecutor(Executor):
 
     def _serve(self, jobs: queue.SimpleQueue[tuple[bytes, Future[bytes]] | None]) -> None:
         while (job := jobs.get()) is not None:
-            _run(*job)
+            # Not at once with a deferred trace on another of our threads (isolation).
+            with isolation.taking_turns():
+                _run(*job)
 
     def shutdown(self, *, wait: bool = True) -> None:
         with self._lock:
