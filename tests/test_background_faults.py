@@ -54,8 +54,10 @@ def _fail(how: str, tmp_path: Any) -> Any:
     if how == "sigkill":
         sentinel = tmp_path / "compiling"
         _kill_when_compiling(sentinel)
+        # The kill comes 0.2 s after the sentinel; the sleep only has to outlast that. The
+        # backward's compile, handed over with the forward, sleeps it out in a worker.
         return torch._inductor.config.patch(
-            post_grad_custom_post_pass=SlowInWorker(str(sentinel)))
+            post_grad_custom_post_pass=SlowInWorker(str(sentinel), seconds=8.0))
     if how == "hang":
         (victim,) = _pool().worker_pids()
         os.kill(victim, signal.SIGSTOP)  # a real hang: the process never answers
