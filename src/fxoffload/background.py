@@ -318,7 +318,7 @@ class BackgroundOutput(OutputCode):
         from .child import compile_request
 
         try:  # the serde path: the same request, compiled on this thread
-            with isolation.taking_turns():
+            with isolation.turn:
                 raw = compile_request(stage.request, in_parent=True)
             stage.response = protocol.decode_response(raw, self._fake_mode)
         except FxOffloadError as e:

@@ -31,7 +31,7 @@ One more global cannot be kept apart per thread: **the FX node metadata**
 overlap without nesting put back each other's state (a deferred trace failed with
 "Expected current_level > 0, got 0" when ``async+serde``'s compile thread finished a
 compile under it). So fxoffload's own threads that trace or compile in this process take
-turns (``taking_turns``). A deferred trace is kept apart from the user's thread (Dynamo)
+turns (``turn``). A deferred trace is kept apart from the user's thread (Dynamo)
 by Dynamo's compile lock, which it holds while it traces; ``async+serde``'s compile
 thread is not (that mode is for tests and debugging).
 
@@ -54,15 +54,8 @@ _fronts = 0  # front threads tracing now
 _installed = False
 
 
-# fxoffload's threads that trace or compile in this process (see the module docstring).
+# Held by fxoffload's threads that trace or compile in this process (module docstring).
 turn = threading.RLock()
-
-
-@contextlib.contextmanager
-def taking_turns() -> Iterator[None]:
-    """Hold ``turn`` for a compile on one of fxoffload's threads in this process."""
-    with turn:
-        yield
 
 
 @contextlib.contextmanager

@@ -65,7 +65,7 @@ class InProcessExecutor(Executor):
     def _serve(self, jobs: queue.SimpleQueue[tuple[bytes, Future[bytes]] | None]) -> None:
         while (job := jobs.get()) is not None:
             # Not at once with a deferred trace on another of our threads (isolation).
-            with isolation.taking_turns():
+            with isolation.turn:
                 _run(*job)
 
     def shutdown(self, *, wait: bool = True) -> None:
