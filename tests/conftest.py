@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fxoffload-tests-"))
+# A cache dir of our own, removed when the session ends (one the caller set is kept).
+_OWN_CACHE_DIR = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="fxoffload-tests-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _OWN_CACHE_DIR
 
-import pytest
-import torch
+import pytest  # noqa: E402 - torch reads the cache dir above when imported
+import torch  # noqa: E402
 
-import fxoffload
+import fxoffload  # noqa: E402
 
 MODES = ("serde", "capture", "subprocess")
 POOL = {"workers": 1}  # one settings key, so every subprocess test shares one warm pool
@@ -40,6 +45,8 @@ def _fresh_compile_state():
 def _shutdown_pools():
     yield
     fxoffload.shutdown()
+    if _OWN_CACHE_DIR is not None:
+        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
 _COUNTERS = re.compile(r"# AOT ID: \['\d+_")
