@@ -70,7 +70,7 @@ def pending() -> int:
 @contextlib.contextmanager
 def reusing(source: str | None) -> Iterator[dict[str, Any]]:
     """Within the block, this thread's ``async_compile.triton(name, …)`` calls return the
-    kernels remembered for ``source``, by name; yields the names reused so far."""
+    kernels remembered for ``source``, by name; yields ``{name: kernel}`` of those taken."""
     with _lock:
         kernels = _pending.pop(source, None) if source else None
     used: dict[str, Any] = {}
