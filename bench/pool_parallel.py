@@ -64,15 +64,12 @@ def capture(args: argparse.Namespace, directory: Path) -> list[Path]:
 
 def with_fresh_caches(data: bytes, root: Path) -> bytes:
     """The same request, naming new empty Inductor and Triton cache directories."""
-    from fxoffload import pickling, wire
-    from fxoffload.protocol import split_request
+    from fxoffload.protocol import join_request, split_request
 
     preamble, body = split_request(data)
     root.mkdir(parents=True)
-    preamble = dataclasses.replace(preamble, cache_dir=str(root / "inductor"),
-                                   triton_cache_dir=str(root / "triton"))
-    return wire.encode(wire.Kind.REQUEST,
-                       pickling.plain_dumps((dataclasses.asdict(preamble), body)))
+    return join_request(dataclasses.replace(preamble, cache_dir=str(root / "inductor"),
+                                            triton_cache_dir=str(root / "triton")), body)
 
 
 def one(workers: int, request_paths: list[str], reps: int, scratch: str) -> dict[str, Any]:

@@ -35,8 +35,8 @@ _MAX_PENDING = 16
 _lock = threading.Lock()
 _pending: OrderedDict[str, dict[str, Any]] = OrderedDict()
 _local = threading.local()
-_installed: list[Any] = []  # [original AsyncCompile.triton] while patched
-_users = 0
+_original: Any = None  # AsyncCompile.triton while ours stands in its place
+_users = 0  # loads using ours now
 
 
 def remember(graph: Any) -> None:
@@ -98,14 +98,14 @@ def take(kernel_name: str) -> Any:
 
 
 def _install() -> None:
-    global _users
+    global _users, _original
     from torch._inductor.async_compile import AsyncCompile
 
     with _lock:
         _users += 1
-        if _installed:
+        if _users > 1:
             return
-        original = AsyncCompile.triton
+        _original = original = AsyncCompile.triton
 
         def triton(self: Any, kernel_name: str, source_code: str, *args: Any,
                    **kwargs: Any) -> Any:
@@ -114,15 +114,14 @@ def _install() -> None:
                 return kernel
             return original(self, kernel_name, source_code, *args, **kwargs)
 
-        _installed.append(original)
         AsyncCompile.triton = triton  # type: ignore[method-assign]
 
 
 def _uninstall() -> None:
-    global _users
+    global _users, _original
     from torch._inductor.async_compile import AsyncCompile
 
     with _lock:
         _users -= 1
-        if _users == 0 and _installed:
-            AsyncCompile.triton = _installed.pop()  # type: ignore[method-assign]
+        if _users == 0:
+            AsyncCompile.triton, _original = _original, None  # type: ignore[method-assign]

@@ -104,6 +104,11 @@ def encode_request(request: CompileRequest, *, extra_imports: tuple[str, ...] = 
         triton_cache_dir=triton_dir,
         summary=summarize(request.gm, list(request.example_inputs), request.graph_kwargs),
     )
+    return join_request(preamble, body)
+
+
+def join_request(preamble: Preamble, body: bytes) -> bytes:
+    """The request bytes of a preamble and a pickled body (``split_request`` reversed)."""
     payload = pickling.plain_dumps((dataclasses.asdict(preamble), body))
     return wire.encode(wire.Kind.REQUEST, payload)
 
