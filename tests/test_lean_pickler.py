@@ -103,3 +103,31 @@ def test_symbolic_values_take_graphpicklers_path() -> None:
     assert b"_unpickle_tensor" not in data
     tensors = [v for v in _values(back) if isinstance(v, torch.Tensor)]
     assert tensors and all(isinstance(v.shape[0], torch.SymInt) for v in tensors)
+
+
+def test_a_lazy_modules_code_is_regenerated_only_when_stale(monkeypatch: Any) -> None:
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    traced, _ = _trace(grad=False)
+    gm = _LazyGraphModule(traced, traced.graph)
+    gm._real_recompile()
+    recompiles: list[int] = []
+    real = _LazyGraphModule._real_recompile
+
+    def counted(self: Any) -> Any:
+        recompiles.append(1)
+        return real(self)
+
+    monkeypatch.setattr(_LazyGraphModule, "_real_recompile", counted)
+    _, back = _round_trip(gm, lean=True)
+    assert recompiles == []  # current code: carried as it is
+    assert back.code == gm.code
+
+    # A graph changed after its last compile: the code that travels is the new graph's.
+    relu = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default)
+    relu.target = torch.ops.aten.sigmoid.default
+    gm.recompile()  # lazy: only marks the code stale
+    assert gm._needs_recompile()
+    _, back = _round_trip(gm, lean=True)
+    assert recompiles == [1]
+    assert "aten.sigmoid" in back.code and "aten.relu" not in back.code
