@@ -401,20 +401,24 @@ def main() -> None:
           "added | serde first call (s) | x stock | Inductor compile, stock (s) | "
           "the same, serde (s) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    def median(name: str, config: str, value: Any) -> float:
+        return statistics.median(value(x) for x in samples
+                                 if x["model"] == name and x["config"] == config)
+
+    def first_call(x: dict) -> float:
+        return x["first_call_s"]
+
+    def inductor(x: dict) -> float:
+        return x["phases"].get("inductor_compile", 0.0)
+
     for name in args.models.split(","):
-        stock_med = statistics.median(x["first_call_s"] for x in samples
-                                      if x["model"] == name and x["config"] == "stock")
-        stock_ind = statistics.median(x["phases"].get("inductor_compile", 0.0) for x in samples
-                                      if x["model"] == name and x["config"] == "stock")
+        stock_med = median(name, "stock", first_call)
+        stock_ind = median(name, "stock", inductor)
         for config in configs:
-            b = statistics.median(x["boundary_s"] for x in samples
-                                  if x["model"] == name and x["config"] == config)
-            ind = statistics.median(x["phases"].get("inductor_compile", 0.0) for x in samples
-                                    if x["model"] == name and x["config"] == config)
-            first = statistics.median(x["first_call_s"] for x in samples
-                                      if x["model"] == name and x["config"] == config)
-            ar = statistics.median(_around(x["phases"]) for x in samples
-                                   if x["model"] == name and x["config"] == config)
+            b = median(name, config, lambda x: x["boundary_s"])
+            ind = median(name, config, inductor)
+            first = median(name, config, first_call)
+            ar = median(name, config, lambda x: _around(x["phases"]))
             print(f"| {name} | {config} | {b:.3f} | {stock_med:.2f} | {b / stock_med:.1%} | "
                   f"{ar:.3f} | {ar / stock_med:.1%} | "
                   f"{first:.2f} | {first / stock_med:.2f}x | {stock_ind:.2f} | {ind:.2f} |")
