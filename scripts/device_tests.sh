@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (torch 2.11, no internet): the CUDA suite, then the CPU contract
 # under torch 2.11. Usage: scripts/device_tests.sh [pytest selection...]
+# The machine has no internet and may lack pytest: make .whl here first and carry it:
+#   pip download pytest pytest-timeout --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 -d .whl
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/fxoffload-out}"; mkdir -p "$OUT"
