@@ -15,6 +15,7 @@ from the work; ``--profile`` prints where a second encode/decode spends its time
 
     python bench/serde_overhead.py [--models gpt2,bert,llama] [--device cuda --size bench]
         [--reps 3] [--configs serde,serde-graphpickler] [--json FILE]
+    python bench/serde_overhead.py --summarize FILE [FILE ...]   # medians of saved runs
 """
 
 from __future__ import annotations
@@ -314,6 +315,39 @@ def _split(ph: dict[str, float]) -> dict[str, float]:
     return parts
 
 
+def _medians(samples: list[dict]) -> None:
+    """The medians table, per model and config, in the samples' order."""
+    models = list(dict.fromkeys(x["model"] for x in samples))
+    configs = list(dict.fromkeys(x["config"] for x in samples if x["config"] != "stock"))
+    print("\nMedians over reps (boundary, and all of around, / median stock first call):\n")
+    print("| model | config | boundary (s) | stock first call (s) | added | around (s) | "
+          "added | serde first call (s) | x stock | Inductor compile, stock (s) | "
+          "the same, serde (s) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def median(name: str, config: str, value: Any) -> float:
+        return statistics.median(value(x) for x in samples
+                                 if x["model"] == name and x["config"] == config)
+
+    def first_call(x: dict) -> float:
+        return x["first_call_s"]
+
+    def inductor(x: dict) -> float:
+        return x["phases"].get("inductor_compile", 0.0)
+
+    for name in models:
+        stock_med = median(name, "stock", first_call)
+        stock_ind = median(name, "stock", inductor)
+        for config in configs:
+            b = median(name, config, lambda x: x["boundary_s"])
+            ind = median(name, config, inductor)
+            first = median(name, config, first_call)
+            ar = median(name, config, lambda x: _around(x["phases"]))
+            print(f"| {name} | {config} | {b:.3f} | {stock_med:.2f} | {b / stock_med:.1%} | "
+                  f"{ar:.3f} | {ar / stock_med:.1%} | "
+                  f"{first:.2f} | {first / stock_med:.2f}x | {stock_ind:.2f} | {ind:.2f} |")
+
+
 def run(model_name: str, config: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="fxoffload-serde-bench-") as tmp:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor",
@@ -344,7 +378,13 @@ def main() -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--config", default="serde", help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write every sample here")
+    p.add_argument("--summarize", nargs="+", metavar="JSON",
+                   help="run nothing: print the medians table of the samples saved in these "
+                        "--json files, taken together")
     args = p.parse_args()
+    if args.summarize:
+        _medians([x for f in args.summarize for x in json.loads(Path(f).read_text())])
+        return
     if args.one:
         print(MARK + json.dumps(one(args.one, args.config, args.device, args.size,
                                     args.profile)), flush=True)
@@ -396,32 +436,7 @@ def main() -> None:
                     print(f"  fallbacks: {serde['fallbacks']}")
                 if "profile" in serde:
                     print(serde["profile"])
-    print("\nMedians over reps (boundary, and all of around, / median stock first call):\n")
-    print("| model | config | boundary (s) | stock first call (s) | added | around (s) | "
-          "added | serde first call (s) | x stock | Inductor compile, stock (s) | "
-          "the same, serde (s) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    def median(name: str, config: str, value: Any) -> float:
-        return statistics.median(value(x) for x in samples
-                                 if x["model"] == name and x["config"] == config)
-
-    def first_call(x: dict) -> float:
-        return x["first_call_s"]
-
-    def inductor(x: dict) -> float:
-        return x["phases"].get("inductor_compile", 0.0)
-
-    for name in args.models.split(","):
-        stock_med = median(name, "stock", first_call)
-        stock_ind = median(name, "stock", inductor)
-        for config in configs:
-            b = median(name, config, lambda x: x["boundary_s"])
-            ind = median(name, config, inductor)
-            first = median(name, config, first_call)
-            ar = median(name, config, lambda x: _around(x["phases"]))
-            print(f"| {name} | {config} | {b:.3f} | {stock_med:.2f} | {b / stock_med:.1%} | "
-                  f"{ar:.3f} | {ar / stock_med:.1%} | "
-                  f"{first:.2f} | {first / stock_med:.2f}x | {stock_ind:.2f} | {ind:.2f} |")
+    _medians(samples)
     if args.json:
         Path(args.json).write_text(json.dumps(samples, indent=1))
 
