@@ -162,23 +162,13 @@ def _capture_deterministic_guard() -> Any:
 
 
 def _inductor_loggers() -> Iterator[logging.Logger]:
-    manager = logging.Logger.manager
-    with _logging_lock():
-        items = list(manager.loggerDict.items())
-    for name, logger in items:
+    # dict.copy() runs in C under the GIL: a logger created meanwhile on another thread
+    # cannot break it (logging's module lock is private API, gone in Python 3.13).
+    for name, logger in logging.Logger.manager.loggerDict.copy().items():
         if isinstance(logger, logging.Logger) and (
             name == "torch._inductor" or name.startswith("torch._inductor.")
         ):
             yield logger
-
-
-@contextlib.contextmanager
-def _logging_lock() -> Iterator[None]:
-    logging._acquireLock()  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        logging._releaseLock()  # type: ignore[attr-defined]
 
 
 def _capture_logger_levels() -> dict[str, tuple[int, bool]]:
