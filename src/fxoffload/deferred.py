@@ -174,7 +174,7 @@ class Deferred:
                 if not _compat.watch_aot_cache_lookup(_looked_up):
                     self._decided.set()
                 with _compat.private_config(self._private_config), _state(self), \
-                        isolation.front_thread(), _fast_switching():
+                        isolation.our_thread(), _fast_switching():
                     compiled = compile(self._gm, example_inputs)
                 self._compiled = compiled
         except PoolClosed as e:  # shutdown or interpreter exit: nothing to report

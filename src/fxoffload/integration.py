@@ -130,9 +130,10 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
 def start_background(settings: Settings) -> None:
     """Background modes start their workers now, while Dynamo traces, so the first
     compile does not wait for them; and draw their progress line if asked to."""
-    from . import progress
+    from . import isolation, progress
     from .executors import get_executor
 
+    isolation.install()  # here, on the caller's thread, before anything traces
     if settings.show_progress:
         progress.enable()
     get_executor(settings).warmup(wait=False)

@@ -1,19 +1,22 @@
-"""Process-global state that torch's tracing touches, kept from leaking between a trace
-on fxoffload's front thread (``deferred``) and the user's thread, which goes on running
-the model meanwhile. Torch assumes one compile at a time on the thread that runs the
-model; three of its globals break that assumption:
+"""Process-global state that torch's tracing touches, kept from leaking between
+fxoffload's own threads that trace or compile in this process (a deferred trace's front
+thread, ``async+serde``'s compile thread: "our threads", ``our_thread``) and the user's
+thread, which goes on running the model meanwhile. Torch assumes one compile at a time on
+the thread that runs the model; three of its globals break that assumption:
 
-- **The FX tracing flag.** ``Tracer.trace`` (under ``make_fx``, so under AOTAutograd)
-  sets ``torch.fx._symbolic_trace._is_fx_tracing_flag`` for the whole process. Seen from
-  the user's thread, a call of a ``torch.compile``'d function then raises "Detected that
-  you are using FX to symbolically trace a dynamo-optimized function", and model code
-  that asks ``is_fx_tracing()`` takes its tracing branch. So the two readers report the
-  flag only on the thread that set it while a front thread traces.
-- **The RNG state.** AOTAutograd and ``compile_fx`` save the global generators' states
-  before tracing and restore them after (tracing must not consume random numbers). On a
-  front thread that restore would rewind what the user's steps drew meanwhile: dropout
-  masks and sampled batches would repeat. Fake tensors draw nothing, so on a front thread
-  the save and restore are skipped.
+- **The FX tracing flag.** ``Tracer.trace`` (under ``make_fx``, so under AOTAutograd and
+  Inductor's pattern replacements) sets ``torch.fx._symbolic_trace._is_fx_tracing_flag``
+  for the whole process. Seen from the user's thread, a call of a ``torch.compile``'d
+  function then raises "Detected that you are using FX to symbolically trace a
+  dynamo-optimized function", and model code that asks ``is_fx_tracing()`` takes its
+  tracing branch. So the two readers report the flag only on a thread that is inside
+  ``Tracer.trace`` itself.
+- **The RNG state.** AOTAutograd, ``compile_fx`` and the autotuners save the global
+  generators' states before tracing or benchmarking and restore them after. On our
+  threads that restore would rewind what the user's steps drew meanwhile: dropout masks
+  and sampled batches would repeat. So on our threads the save and restore are skipped;
+  fake tensors draw nothing, and the autotuners' random inputs (``rand_strided``) come
+  from a generator of the thread's own: a compile here never moves the user's generators.
 - **The FX patcher.** ``Tracer.trace`` swaps ``torch.nn.Module.__call__`` and
   ``__getattr__``, ``torch.fx.wrap``'d functions and ``math``'s functions for wrappers,
   process-wide, for the length of the trace. Dynamo guards on ``Module.__call__.__code__``
@@ -21,8 +24,8 @@ model; three of its globals break that assumption:
   meanwhile failed its guards and waited for the trace to recompile (measured on the
   H200, GPT-2: in every run, a 4-5 s call, then a second graph). ``make_fx``'s tracer
   (``PythonKeyTracer``: ``call_module`` calls ``forward``, ``getattr`` returns the
-  value, and no proxy ever reaches a wrapped function) needs none of them, so on a front
-  thread its trace makes no patches.
+  value, and no proxy ever reaches a wrapped function) needs none of them, so on our
+  threads its trace makes no patches.
 
 One more global cannot be kept apart per thread: **the FX node metadata**
 (``torch.fx.traceback``'s ``current_meta`` and ``should_preserve_node_meta``), which
@@ -30,14 +33,13 @@ One more global cannot be kept apart per thread: **the FX node metadata**
 ``set/reset_grad_fn_seq_nr`` update while AOTAutograd traces a backward. Two traces that
 overlap without nesting put back each other's state (a deferred trace failed with
 "Expected current_level > 0, got 0" when ``async+serde``'s compile thread finished a
-compile under it). So fxoffload's own threads that trace or compile in this process take
-turns (``turn``). A deferred trace is kept apart from the user's thread (Dynamo)
-by Dynamo's compile lock, which it holds while it traces; ``async+serde``'s compile
-thread is not (that mode is for tests and debugging).
+compile under it). So our threads take turns (``turn``), and each holds Dynamo's compile
+lock while it traces or compiles, as Dynamo's own compiles do: the user's thread never
+traces beside them.
 
-Installed on the first deferred trace, never at import. Per-thread state that our
-threads must take over from the caller's instead (the current CUDA device) is read with
-``caller_cuda_device`` and set with ``on_cuda_device``.
+Installed when a background backend is made (on the caller's thread), never at import.
+Per-thread state that our threads must take over from the caller's instead (the current
+CUDA device) is read with ``caller_cuda_device`` and set with ``on_cuda_device``.
 """
 
 from __future__ import annotations
@@ -48,9 +50,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-_local = threading.local()  # .front: this thread runs a deferred trace
+_local = threading.local()  # .ours: a thread of fxoffload's; .tracing: Tracer.trace depth
 _lock = threading.Lock()
-_fronts = 0  # front threads tracing now
 _installed = False
 
 
@@ -59,19 +60,16 @@ turn = threading.RLock()
 
 
 @contextlib.contextmanager
-def front_thread() -> Iterator[None]:
-    """Mark the calling thread as a front thread for the duration (installs the shims)."""
-    global _fronts
+def our_thread() -> Iterator[None]:
+    """Mark the calling thread as one of fxoffload's own (a deferred trace's front thread,
+    ``async+serde``'s compile thread) for the duration; installs the shims."""
     install()
-    _local.front = True
-    with _lock:
-        _fronts += 1
+    outer = getattr(_local, "ours", False)
+    _local.ours = True
     try:
         yield
     finally:
-        with _lock:
-            _fronts -= 1
-        _local.front = False
+        _local.ours = outer
 
 
 def caller_cuda_device(on_cpu: bool) -> int | None:
@@ -90,15 +88,15 @@ def on_cuda_device(index: int | None) -> contextlib.AbstractContextManager[Any]:
     return torch.cuda.device(index) if index is not None else contextlib.nullcontext()
 
 
-def on_front_thread() -> bool:
-    return getattr(_local, "front", False)
+def on_our_thread() -> bool:
+    return getattr(_local, "ours", False)
 
 
 def _fx_flag_visible() -> bool:
-    """Whether this thread may see the FX tracing flag: always, unless a front thread is
-    tracing and this is not it (a front thread holds Dynamo's compile lock, so no other
-    thread traces with Dynamo or AOTAutograd meanwhile)."""
-    return _fronts == 0 or on_front_thread()
+    """Whether this thread may see the FX tracing flag: only while this very thread is
+    inside ``Tracer.trace``. The flag itself is one process global, set and put back by
+    every trace on every thread, so traces on two threads leave it wrong for both."""
+    return getattr(_local, "tracing", 0) > 0
 
 
 # Replacement bodies for torch.fx._symbolic_trace's readers. They run with that
@@ -115,6 +113,9 @@ def _is_fx_symbolic_tracing() -> bool:
 
 
 def install() -> None:
+    """Install the shims (idempotent). Done on the caller's thread when a background
+    backend is made, before anything traces: a trace already running when the flag's
+    readers change would read False until it ends."""
     global _installed
     with _lock:
         if _installed:
@@ -141,23 +142,95 @@ def _install_fx_flag_readers() -> None:
         )
 
 
-def _install_rng_guards() -> None:
-    from torch._dynamo import utils as dynamo_utils
-    from torch._functorch import aot_autograd
+# Modules that call ``preserve_rng_state`` around a trace or compile (some bound the name
+# at import, so each binding is replaced).
+_RNG_GUARDED = ("torch._dynamo.utils", "torch._functorch.aot_autograd",
+                "torch._inductor.select_algorithm", "torch._inductor.codegen.triton")
+# Modules that bound ``rand_strided`` (the autotuners' random example inputs) at import;
+# code generated later imports it from torch._dynamo.testing, replaced first.
+_RAND_STRIDED = ("torch._dynamo.testing", "torch._inductor.select_algorithm",
+                 "torch._inductor.autotune_process")
 
-    for module in (dynamo_utils, aot_autograd):
+
+def _install_rng_guards() -> None:
+    # Only modules imported already are patched: one imported later binds the replaced
+    # name from torch._dynamo.utils / torch._dynamo.testing, which are patched first.
+    import importlib
+    import sys
+
+    importlib.import_module("torch._dynamo.testing")
+    importlib.import_module("torch._functorch.aot_autograd")
+    for name in _RNG_GUARDED:
+        module = sys.modules.get(name)
+        if module is None:
+            continue
         original = getattr(module, "preserve_rng_state", None)
         if original is not None and not getattr(original, "_fxoffload", False):
-            module.preserve_rng_state = _skipped_on_front_threads(original)
+            module.preserve_rng_state = _skipped_on_our_threads(original)
+    original = sys.modules["torch._dynamo.testing"].rand_strided
+    if getattr(original, "_fxoffload", False):
+        return
+    private = _private_rand_strided(original)
+    for name in _RAND_STRIDED:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "rand_strided", None) is original:
+            module.rand_strided = private
 
 
-def _skipped_on_front_threads(original: Callable[[], Any]) -> Callable[[], Any]:
+def _skipped_on_our_threads(original: Callable[[], Any]) -> Callable[[], Any]:
+    """On our threads, save and restore nothing: the restore would rewind what the user's
+    thread drew meanwhile. A trace on fake tensors draws nothing; the autotuners' random
+    inputs come from ``_private_rand_strided``."""
     @functools.wraps(original)
     def preserve_rng_state() -> Any:
-        return contextlib.nullcontext() if on_front_thread() else original()
+        return contextlib.nullcontext() if on_our_thread() else original()
 
     preserve_rng_state._fxoffload = True  # type: ignore[attr-defined]
     return preserve_rng_state
+
+
+def _private_rand_strided(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``rand_strided`` that, on our threads, draws from a generator of its own, so that
+    a compile here never moves the user's generators (which ``preserve_rng_state`` kept
+    still for a compile on the user's own thread)."""
+    @functools.wraps(original)
+    def rand_strided(size: Any, stride: Any, dtype: Any = None, device: Any = "cpu",
+                     extra_size: int = 0) -> Any:
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
+        if not on_our_thread():
+            return original(size, stride, dtype=dtype, device=device, extra_size=extra_size)
+        needed = extra_size
+        if all(s > 0 for s in size):
+            needed += sum((n - 1) * st for n, st in zip(size, stride, strict=True)) + 1
+        gen = _generator(torch.device(device))
+        if not dtype.is_floating_point:
+            buffer = torch.zeros(needed, dtype=dtype, device=device)
+        elif dtype == getattr(torch, "float4_e2m1fn_x2", None):
+            buffer = torch.randint(0, 256, (needed,), dtype=torch.uint8, device=device,
+                                   generator=gen).view(dtype)
+        elif dtype.itemsize == 1:  # no normal kernel for fp8: draw fp16, then cast
+            buffer = torch.randn(needed, dtype=torch.float16, device=device,
+                                 generator=gen).to(dtype)
+        else:
+            buffer = torch.randn(needed, dtype=dtype, device=device, generator=gen)
+        return torch.as_strided(buffer, size, stride)
+
+    rand_strided._fxoffload = True  # type: ignore[attr-defined]
+    return rand_strided
+
+
+def _generator(device: Any) -> Any:
+    """This thread's own generator for ``device``."""
+    import torch
+
+    gens = _local.__dict__.setdefault("generators", {})
+    key = (device.type, device.index)
+    if key not in gens:
+        gens[key] = torch.Generator(device=device)
+        gens[key].manual_seed(0)
+    return gens[key]
 
 
 def _install_quiet_patcher() -> None:
@@ -173,18 +246,19 @@ def _install_quiet_patcher() -> None:
         return
 
     @functools.wraps(trace)
-    def quiet_trace(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not (on_front_thread() and isinstance(self, PythonKeyTracer)):
-            return trace(self, *args, **kwargs)
-        outer = getattr(_local, "quiet", False)
-        _local.quiet = True
+    def tracked_trace(self: Any, *args: Any, **kwargs: Any) -> Any:
+        outer_quiet = getattr(_local, "quiet", False)
+        if on_our_thread() and isinstance(self, PythonKeyTracer):
+            _local.quiet = True
+        _local.tracing = getattr(_local, "tracing", 0) + 1
         try:
             return trace(self, *args, **kwargs)
         finally:
-            _local.quiet = outer
+            _local.tracing -= 1
+            _local.quiet = outer_quiet
 
-    quiet_trace._fxoffload = True  # type: ignore[attr-defined]
-    module.Tracer.trace = quiet_trace  # type: ignore[method-assign]
+    tracked_trace._fxoffload = True  # type: ignore[attr-defined]
+    module.Tracer.trace = tracked_trace  # type: ignore[method-assign]
 
 
 def _unless_quiet(original: Callable[..., Any]) -> Callable[..., Any]:
