@@ -79,6 +79,7 @@ def test_metrics_read_as_stock(mode: str, tmp_path: Any) -> None:
 def test_torch_logs_env_prints_worker_code(tmp_path: Any) -> None:
     script = textwrap.dedent("""
         import torch, fxoffload
+        fxoffload.warmup(mode="subprocess", workers=1)
         f = torch.compile(lambda x: (x.sin() * 3).sum(), backend=fxoffload.backend(
             mode="subprocess", workers=1))
         f(torch.randn(8))

@@ -56,7 +56,7 @@ def test_background_modes() -> None:
     assert s.worker_nice > 0  # background workers yield to the user's steps
     a = Settings.resolve({}, mode="async+serde")
     assert a.background and not a.progressive and a.config_stages == ({},)
-    assert Settings.resolve({}, mode="subprocess").worker_nice == 0
+    assert Settings.resolve({}, mode="subprocess").worker_nice > 0  # beside a cold compile
     assert Settings.resolve({}, mode="async+subprocess", nice=3).worker_nice == 3
 
 
@@ -91,3 +91,70 @@ def test_entry_point_registered() -> None:
 
     names = {ep.name for ep in entry_points(group="torch_dynamo_backends")}
     assert "fxoffload" in names
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"mode": "fast"}, ["mode", "subprocess"]),
+    ({"workers": 0}, ["workers", "positive integer"]),
+    ({"timeout": "soon"}, ["timeout", "seconds"]),
+    ({"on_failure": "ignore"}, ["on_failure", "raise"]),
+    ({"worker_imports": 3}, ["worker_imports", "module"]),
+])
+def test_settings_objects_are_checked_when_made(kwargs: dict, words: list[str]) -> None:
+    """Settings(...) itself, not only resolve(): a backend made from a bad Settings object
+    fails where it is made."""
+    with pytest.raises(ConfigError) as info:
+        fxoffload.backend(Settings(**kwargs))
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_bad_environment_fails_at_torch_compile_not_at_the_first_call(tmp_path: Path) -> None:
+    script = (
+        "import torch, fxoffload\n"
+        "try:\n"
+        "    f = torch.compile(lambda x: x + 1, backend='fxoffload')\n"
+        "except fxoffload.ConfigError as e:\n"
+        "    print('ConfigError at torch.compile:', e)\n"
+        "else:\n"
+        "    print('no error at torch.compile')\n"
+    )
+    env = {**__import__("os").environ, "FXOFFLOAD_MODE": "fast",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert "ConfigError at torch.compile: FXOFFLOAD_MODE='fast'" in out.stdout, \
+        out.stdout + out.stderr[-2000:]
+
+
+def test_unwritable_capture_dir_fails_when_the_backend_is_made(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"capture_dir.*not a writable directory"):
+        fxoffload.backend(mode="capture", capture_dir=blocker / "captures")
+    with pytest.raises(ConfigError, match="FXOFFLOAD_CAPTURE_DIR"):
+        with fxoffload.enabled(mode="capture", capture_dir=blocker / "captures"):
+            pass
+
+
+def test_too_many_workers_are_capped_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from fxoffload.settings import machine_workers
+
+    with caplog.at_level("WARNING", logger="fxoffload"):
+        a = Settings.resolve({"FXOFFLOAD_WORKERS": "1000"})
+        b = Settings.resolve({}, workers=1000)
+    assert a.workers == b.workers == machine_workers() < 1000
+    warned = [r.getMessage() for r in caplog.records if "workers=1000" in r.getMessage()]
+    assert len(warned) == 1 and f"using {machine_workers()}" in warned[0]
+
+
+def test_torch_fx_compile_mode_beside_fxoffload_is_named(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from fxoffload import integration
+
+    monkeypatch.setenv("TORCHINDUCTOR_FX_COMPILE_MODE", "SUBPROCESS")
+    monkeypatch.setattr(integration, "_overlap_warned", False)
+    with caplog.at_level("WARNING", logger="fxoffload"):
+        fxoffload.backend(mode="serde")
+    assert any("TORCHINDUCTOR_FX_COMPILE_MODE=SUBPROCESS" in r.getMessage()
+               for r in caplog.records)

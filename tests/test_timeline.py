@@ -11,6 +11,7 @@ from typing import Any
 
 SCRIPT = textwrap.dedent("""
     import os, torch, fxoffload
+    fxoffload.warmup(mode="subprocess", workers=1)  # a cold pool's first compile stays here
     torch.compile(lambda x: x.sin() * 2, backend=fxoffload.backend(mode="subprocess",
                   workers=1))(torch.randn(8))
     print(os.getpid())

@@ -100,11 +100,7 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
 
     ``fxoffload.backend(mode="subprocess", workers=2)``; keywords override ``FXOFFLOAD_*``
     variables. Invalid values raise ``ConfigError`` here, not at the first compile."""
-    if settings is None:
-        settings = Settings.resolve(**kwargs)
-    elif kwargs:
-        raise TypeError("pass either a Settings object or keywords, not both")
-    resolved = settings
+    resolved = _checked(settings, kwargs)
 
     def fxoffload_backend(gm: Any, example_inputs: Any, **options: Any) -> Any:
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
@@ -116,15 +112,132 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
 
             reason = deferred.why_not(resolved, example_inputs)
             if reason is None:
-                return deferred.Deferred(resolved, gm, example_inputs, lambda g, e: compile_fx(
-                    g, e, inner_compile=inner, **options))
+                def compile_deferred(g: Any, e: Any) -> Any:
+                    with counting_cache_hits():
+                        return compile_fx(g, e, inner_compile=inner, **options)
+
+                return deferred.Deferred(resolved, gm, example_inputs, compile_deferred)
             log.debug("fxoffload: tracing on the caller's thread (%s)", reason)
-        return compile_fx(gm, example_inputs, inner_compile=inner, **options)
+        try:
+            with counting_cache_hits():
+                return compile_fx(gm, example_inputs, inner_compile=inner, **options)
+        except Exception as e:
+            ours = _ours(e)
+            if ours is None:
+                raise
+            raise ours.with_traceback(e.__traceback__) from None
 
     fxoffload_backend.settings = resolved  # type: ignore[attr-defined]
     if resolved.background:
         start_background(resolved)
     return fxoffload_backend
+
+
+@contextlib.contextmanager
+def counting_cache_hits() -> Iterator[None]:
+    """Count the FX graph cache's and AOTAutograd cache's hits inside the block (compiles
+    of ours: a hit never reaches the hook) into ``stats()``."""
+    from torch._dynamo.utils import counters
+
+    from .tally import STATS
+
+    fx, aot = counters["inductor"]["fxgraph_cache_hit"], \
+        counters["aot_autograd"]["autograd_cache_hit"]
+    try:
+        yield
+    finally:
+        STATS.add(fx_cache_hits=counters["inductor"]["fxgraph_cache_hit"] - fx,
+                  aot_cache_hits=counters["aot_autograd"]["autograd_cache_hit"] - aot)
+
+
+def _checked(settings: Settings | None, kwargs: dict[str, Any]) -> Settings:
+    """The settings for a backend or ``enabled`` block, with what they name on disk and
+    in the environment checked now: bad input fails here, not at the first compile."""
+    if settings is None:
+        settings = Settings.resolve(**kwargs)
+    elif kwargs:
+        raise TypeError("pass either a Settings object or keywords, not both")
+    elif not isinstance(settings, Settings):
+        raise TypeError(f"settings must be fxoffload.Settings, not {type(settings).__name__}")
+    if settings.base_mode == "capture" and settings.capture_dir is not None:
+        _check_writable_dir(settings.capture_dir, "capture_dir / FXOFFLOAD_CAPTURE_DIR")
+    from . import timeline
+
+    check_trace = getattr(timeline, "check_env", None)
+    if check_trace is not None:
+        check_trace()
+    _warn_overlap()
+    return settings
+
+
+def _check_writable_dir(path: Any, where: str) -> None:
+    import os
+    import tempfile
+
+    from .errors import ConfigError
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{where}={str(path)!r} is not a writable directory: {e}") from None
+
+
+_overlap_warned = False
+
+
+def _warn_overlap() -> None:
+    """Torch's own FX compile mode beside ours: ours takes the compiles it reaches first."""
+    global _overlap_warned
+    import os
+
+    mode = os.environ.get("TORCHINDUCTOR_FX_COMPILE_MODE")
+    if mode and mode.upper() != "NORMAL" and not _overlap_warned:
+        _overlap_warned = True
+        log.warning("fxoffload: TORCHINDUCTOR_FX_COMPILE_MODE=%s is set too: fxoffload "
+                    "compiles every graph of its backends and enabled() blocks itself (torch's "
+                    "mode never sees them); graphs compiled outside those follow torch's "
+                    "mode. Unset it to avoid two offloading schemes in one process.", mode)
+
+
+def _ours(error: BaseException) -> BaseException | None:
+    """For ``on_failure="raise"``: fxoffload's own error inside the wrappers Inductor and
+    Dynamo put around a backend's errors, as one Dynamo lets through unwrapped."""
+    from .errors import FxOffloadError
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, FxOffloadError):
+            return surfaced(error)
+        error = (getattr(error, "inner_exception", None) or error.__cause__
+                 or error.__context__)
+    return None
+
+
+_surfaced_types: dict[type, type] = {}
+
+
+def surfaced(error: BaseException) -> BaseException:
+    """``error`` as an instance of a subclass of its own type that Dynamo re-raises as is
+    (its ``ShortenTraceback``): ``except fxoffload.WorkerTimeout`` catches it, where
+    Dynamo would raise ``BackendCompilerFailed`` wrapping it."""
+    from torch._dynamo.exc import ShortenTraceback
+
+    if isinstance(error, ShortenTraceback):
+        return error
+    cls = type(error)
+    if cls not in _surfaced_types:
+        _surfaced_types[cls] = type(cls.__name__, (cls, ShortenTraceback), {
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__init__": BaseException.__init__, "__str__": cls.__str__})
+    new = _surfaced_types[cls].__new__(_surfaced_types[cls], *error.args)
+    new.__dict__.update(error.__dict__)
+    new.args = error.args
+    new.first_useful_frame = None
+    new.__cause__ = error.__cause__
+    return new
 
 
 def start_background(settings: Settings) -> None:
@@ -208,10 +321,12 @@ def _joint_graph_patterns(dev: Any) -> None:
     lazy_init(dev)
 
 
-def fxoffload_backend(gm: Any, example_inputs: Any, **options: Any) -> Any:
-    """The ``backend="fxoffload"`` entry point: settings from the environment, read at
-    the first compile."""
-    return _env_backend()(gm, example_inputs, **options)
+def __getattr__(name: str) -> Any:
+    # ``backend="fxoffload"``: Dynamo loads this entry point in ``torch.compile(...)``, so
+    # the FXOFFLOAD_* variables are read, and bad ones raise ConfigError, right there.
+    if name == "fxoffload_backend":
+        return _env_backend()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.cache
@@ -223,13 +338,13 @@ def _env_backend() -> Callable[..., Any]:
 def enabled(settings: Settings | None = None, **kwargs: Any) -> Iterator[Settings]:
     """Make stock ``torch.compile(model)`` (backend "inductor") offload inside the block;
     stock behaviour returns on exit."""
-    if settings is None:
-        settings = Settings.resolve(**kwargs)
+    settings = _checked(settings, kwargs)
     install()
     if settings.background:
         start_background(settings)
     _enabled_stack.append(settings)
     try:
-        yield settings
+        with counting_cache_hits():
+            yield settings
     finally:
         _enabled_stack.remove(settings)

@@ -165,6 +165,15 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
         from .background import compile_in_background
 
         return compile_in_background(settings, fake_mode, *args)
+    executor = get_executor(settings)
+    if not executor.ready_now():
+        # No warm worker is free: waiting for one would make this compile slower than
+        # stock's. Compile it here; the pool warms up meanwhile for the graphs to come.
+        executor.warmup(wait=False)
+        STATS.count_in_process("no_warm_worker")
+        if (tl := timeline.get()) is not None:
+            tl.instant("compiling here: no warm worker yet", time.perf_counter())
+        return in_process(*args)
     t0 = time.perf_counter()
     try:
         data = build_request(settings, *args, fake_mode)
@@ -173,7 +182,8 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
     t1 = time.perf_counter()
 
     try:
-        raw = get_executor(settings).submit(data, timeout=settings.timeout).result()
+        future = executor.submit(data, timeout=settings.timeout)
+        raw = future.result()
         t2 = time.perf_counter()
         response = protocol.decode_response(raw, fake_mode)
         t3 = time.perf_counter()
@@ -183,9 +193,11 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
     t4 = time.perf_counter()
     if (tl := timeline.get()) is not None:
         _trace(tl, settings, gm, response, t0, t1, t2, t4)
+    started = getattr(future, "started", t1)  # when a worker took it
     STATS.add(graphs_offloaded=1, bytes_sent=len(data), bytes_received=len(raw),
               serialize_s=t1 - t0, compile_s=response.compile_s,
-              transfer_s=max(0.0, (t2 - t1) - response.compile_s),
+              queue_wait_s=max(0.0, started - t1),
+              transfer_s=max(0.0, (t2 - max(t1, started)) - response.compile_s),
               deserialize_s=(t3 - t2) + (t4 - t3))
     return graph
 
@@ -194,7 +206,9 @@ def handle_failure(settings: Settings, reason: str, error: FxOffloadError,
                    args: tuple[Any, ...]) -> Any:
     """Apply ``on_failure`` to a compile that could not be offloaded or came back failed."""
     if settings.on_failure == "raise":
-        raise error
+        from .integration import surfaced
+
+        raise surfaced(error)
     if settings.on_failure == "eager":
         from .background import eager_output
 

@@ -1,11 +1,14 @@
 """Configuration: one keyword-only, frozen ``Settings`` object, built from keyword
 arguments first and ``FXOFFLOAD_*`` environment variables second. Nothing is read at
-import; ``Settings.resolve`` runs on first use."""
+import; ``Settings.resolve`` runs on first use. Every value is checked when the object is
+made (``ConfigError`` names the keyword or variable and what is allowed), so a backend
+with bad settings fails where it is made, not at its first compile."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -22,8 +25,14 @@ MODE_PREFIXES = ("async+", "progressive+")
 ON_FAILURE = ("fallback", "eager", "raise")
 # Progressive: stock config first, then max-autotune; each stage is swapped in when done.
 DEFAULT_STAGES: tuple[dict[str, Any], ...] = ({}, {"max_autotune": True})
-# Background workers yield the CPU to the user's eager steps.
-BACKGROUND_NICE = 10
+# Workers yield the CPU to the user's process: its eager steps (async modes), and its own
+# compile of a graph that came before any worker was warm (sync modes).
+WORKER_NICE = 10
+# What one worker needs (torch, Inductor, a compile's peak), to cap the worker count.
+WORKER_MEMORY_BYTES = 2 << 30
+
+log = logging.getLogger("fxoffload")
+_capped: set[tuple[int, int]] = set()
 
 
 def _default_workers() -> int:
@@ -47,6 +56,15 @@ class Settings:
     progress: bool | None = None
     defer_trace: bool = True
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name not in _REQUIRED:
+                continue
+            _, parse = _ENV[f.name]
+            object.__setattr__(self, f.name, parse(value, f.name))
+        object.__setattr__(self, "workers", _capped_workers(self.workers))
+
     @property
     def base_mode(self) -> str:
         mode = self.mode
@@ -65,9 +83,7 @@ class Settings:
 
     @property
     def worker_nice(self) -> int:
-        if self.nice is not None:
-            return self.nice
-        return BACKGROUND_NICE if self.background else 0
+        return self.nice if self.nice is not None else WORKER_NICE
 
     @property
     def config_stages(self) -> tuple[dict[str, Any], ...]:
@@ -108,6 +124,33 @@ class Settings:
         if settings.mode == "capture" and settings.capture_dir is None:
             settings = dataclasses.replace(settings, capture_dir=Path("fxoffload-capture"))
         return settings
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def machine_workers() -> int:
+    """How many workers this machine sustains: one compile per core, and the memory."""
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    memory = _memory_bytes()
+    return max(1, min(cores, memory // WORKER_MEMORY_BYTES if memory else cores))
+
+
+def _capped_workers(workers: int) -> int:
+    most = machine_workers()
+    if workers <= most:
+        return workers
+    if (workers, most) not in _capped:  # one warning per value
+        _capped.add((workers, most))
+        log.warning("fxoffload: workers=%d is more than this machine sustains (one compile "
+                    "per CPU core, %.0f GiB of memory a worker): using %d", workers,
+                    WORKER_MEMORY_BYTES / (1 << 30), most)
+    return most
 
 
 def _mode(value: Any, where: str) -> str:
@@ -201,10 +244,15 @@ def _stages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
 
 
 def _path(value: Any, where: str) -> Path:
+    if not isinstance(value, str | os.PathLike) or not str(value):
+        raise ConfigError(f"{where}={value!r} must be a path")
     return Path(value).expanduser()
 
 
 def _modules(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, str | list | tuple):
+        raise ConfigError(f"{where}={value!r} must be module names (a list, or text "
+                          "separated by commas)")
     items = value.split(",") if isinstance(value, str) else list(value)
     names = tuple(str(v).strip() for v in items if str(v).strip())
     for name in names:
@@ -227,3 +275,7 @@ _ENV: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "progress": ("FXOFFLOAD_PROGRESS", _bool),
     "defer_trace": ("FXOFFLOAD_DEFER_TRACE", _bool),
 }
+
+# Fields that may not be None (the others' None means "decide later").
+_REQUIRED = {"mode", "workers", "timeout", "startup_timeout", "on_failure",
+             "worker_imports", "defer_trace"}

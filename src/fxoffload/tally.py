@@ -16,6 +16,13 @@ from typing import Any
 class Snapshot:
     graphs_offloaded: int
     fallbacks: MappingProxyType[str, int]
+    # Graphs compiled in this process on purpose, not after a failure, by reason:
+    # "no_warm_worker" (a synchronous compile came before any worker was warm).
+    compiled_in_process: MappingProxyType[str, int]
+    # Compiles of fxoffload's backends answered by a cache, so nothing was compiled:
+    # Inductor's FX graph cache and AOTAutograd's cache.
+    fx_cache_hits: int
+    aot_cache_hits: int
     bytes_sent: int
     bytes_received: int
     serialize_s: float
@@ -53,6 +60,9 @@ class Stats:
         with getattr(self, "_lock", threading.Lock()):
             self.graphs_offloaded = 0
             self.fallbacks: Counter[str] = Counter()
+            self.compiled_in_process: Counter[str] = Counter()
+            self.fx_cache_hits = 0
+            self.aot_cache_hits = 0
             self.bytes_sent = 0
             self.bytes_received = 0
             self.serialize_s = 0.0
@@ -84,6 +94,10 @@ class Stats:
             self.fallbacks[reason] += 1
             return self.fallbacks[reason]
 
+    def count_in_process(self, reason: str) -> None:
+        with self._lock:
+            self.compiled_in_process[reason] += 1
+
     def count_worker_failure(self, reason: str) -> None:
         with self._lock:
             self.worker_failures[reason] += 1
@@ -93,6 +107,9 @@ class Stats:
             return Snapshot(
                 graphs_offloaded=self.graphs_offloaded,
                 fallbacks=MappingProxyType(dict(self.fallbacks)),
+                compiled_in_process=MappingProxyType(dict(self.compiled_in_process)),
+                fx_cache_hits=self.fx_cache_hits,
+                aot_cache_hits=self.aot_cache_hits,
                 bytes_sent=self.bytes_sent,
                 bytes_received=self.bytes_received,
                 serialize_s=self.serialize_s,

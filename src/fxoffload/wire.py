@@ -37,8 +37,9 @@ MAX_PAYLOAD = 1 << 36  # 64 GiB: any larger length is corruption, not a graph
 class Kind(enum.IntEnum):
     REQUEST = 1
     RESPONSE = 2
-    READY = 3
+    READY = 3  # worker -> parent: imported, takes requests
     SHUTDOWN = 4
+    WARM = 5  # worker -> parent, once after READY: warmed up (or skipped it for a request)
 
 
 @dataclass(frozen=True)

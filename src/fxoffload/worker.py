@@ -1,8 +1,9 @@
 """Worker process main: ``python -m fxoffload.worker REQUEST_FD RESPONSE_FD``.
 
-Started by ``executors.pool``. It imports torch, warms Inductor up with one tiny compile
-(on CUDA when a GPU is present, on CPU otherwise), sends READY, then serves requests one at
-a time until SHUTDOWN or the end of its input pipe. Its stdout is pointed at its stderr, so
+Started by ``executors.pool``. It imports torch and sends READY; then, unless a request is
+already waiting, it warms Inductor up with one tiny compile (on CUDA when a GPU is present,
+on CPU otherwise); it sends WARM, then serves requests one at a time until SHUTDOWN or the
+end of its input pipe. Its stdout is pointed at its stderr, so
 nothing a compiler prints can reach the channel, and it exits on its own within a second of
 its parent's death.
 """
@@ -12,9 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import sys
 import threading
 import time
+
+# How long after READY the worker looks for a request before it warms up.
+_REQUEST_GRACE_S = 0.05
 
 
 def _watch_parent(parent: int) -> None:
@@ -104,11 +109,16 @@ def main(argv: list[str]) -> int:
     from .child import compile_request  # imports torch
 
     phases: dict[str, float] = {"import_s": time.perf_counter() - start}
-    if os.environ.get("FXOFFLOAD_WORKER_WARMUP", "1") == "1":
-        _warm_up(phases)
-    ready = pickle.dumps({"pid": os.getpid(), "startup_s": time.perf_counter() - start,
-                          "phases": phases})
+    ready = pickle.dumps({"pid": os.getpid(), "startup_s": time.perf_counter() - start})
     wire.write_all(response_fd, wire.encode(wire.Kind.READY, ready), wire.Deadline(None))
+    # A request the parent had waiting when we came up is sent at once: it would wait for
+    # the whole warm-up, whose costs (toolchain, pools) its own compile pays anyway.
+    waiting = bool(select.select([request_fd], [], [], _REQUEST_GRACE_S)[0])
+    if os.environ.get("FXOFFLOAD_WORKER_WARMUP", "1") == "1" and not waiting:
+        _warm_up(phases)
+    warm = pickle.dumps({"startup_s": time.perf_counter() - start, "phases": phases,
+                         "skipped": waiting})
+    wire.write_all(response_fd, wire.encode(wire.Kind.WARM, warm), wire.Deadline(None))
 
     while True:
         try:

@@ -17,6 +17,11 @@ class Executor(abc.ABC):
         """Start compiling ``request`` (envelope bytes) and return its future response.
         ``timeout`` bounds the compile where the executor can enforce it."""
 
+    def ready_now(self) -> bool:
+        """Whether a request submitted now would start compiling at once (a warm worker is
+        free). In-process executors always are."""
+        return True
+
     def warmup(self, *, wait: bool = False) -> None:
         """Start whatever the executor needs ahead of the first request."""
 

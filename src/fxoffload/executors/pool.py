@@ -28,6 +28,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from .. import wire
 from ..errors import (
@@ -52,6 +53,11 @@ class _Job:
     request: bytes
     future: Future[bytes]
     timeout: float
+
+
+# Not a compile: asks the slot that takes it to replace its worker if that one died idle
+# (sent by ``warmup``, so a dead worker is replaced before the next compile needs one).
+_PROBE = _Job(b"", Future(), 0.0)
 
 
 class _Worker:
@@ -83,7 +89,9 @@ class _Worker:
                 os.close(req_r)
                 os.close(resp_w)
         self.pid = self.proc.pid
-        self.ready = False
+        self.ready = False  # READY came: imported, takes requests
+        self.warm = False  # WARM came: warmed up, or skipped it for a waiting request
+        self.busy = False  # compiling a request now
 
     def wait_ready(self, timeout: float) -> float:
         try:
@@ -102,14 +110,36 @@ class _Worker:
             ) from None
         self.ready = True
         info = pickle.loads(envelope.payload)
-        log.debug("fxoffload: worker pid %d ready in %.2f s %s", self.pid, info["startup_s"],
-                  info.get("phases", {}))
+        log.debug("fxoffload: worker pid %d ready in %.2f s", self.pid, info["startup_s"])
         return float(info["startup_s"])
 
-    def run(self, request: bytes, timeout: float) -> bytes:
+    def wait_warm(self, deadline: wire.Deadline) -> dict[str, Any]:
+        """Read the WARM message that follows READY (once); its payload: start-up seconds,
+        phases, and whether the warm-up was skipped for a request already waiting."""
+        try:
+            envelope = wire.read_message(self.resp_r, deadline, expect=wire.Kind.WARM)
+        except wire.StreamTimeout:
+            self.kill()
+            raise WorkerStartupError(
+                f"worker pid {self.pid} did not finish warming up in time") from None
+        except (wire.StreamClosed, ProtocolError) as e:
+            code = self.kill()
+            raise WorkerStartupError(
+                f"worker pid {self.pid} failed while warming up "
+                f"({WorkerCrashed(self.pid, code, 'while warming up')}); {e}") from None
+        self.warm = True
+        info: dict[str, Any] = pickle.loads(envelope.payload)
+        log.debug("fxoffload: worker pid %d warm in %.2f s %s%s", self.pid, info["startup_s"],
+                  info.get("phases", {}), " (warm-up skipped for a waiting request)"
+                  if info.get("skipped") else "")
+        return info
+
+    def run(self, request: bytes, timeout: float, startup_timeout: float) -> bytes:
         deadline = wire.Deadline(timeout)
         try:
             wire.write_all(self.req_w, request, deadline)
+            if not self.warm:  # sent before its warm-up: it skips it, and says so first
+                self.wait_warm(wire.Deadline(startup_timeout))
             frame = wire.read_frame(self.resp_r, deadline)
         except wire.StreamTimeout:
             self.kill()
@@ -239,6 +269,9 @@ class WorkerPool(Executor):
             if self._closed:
                 raise PoolClosed("the fxoffload worker pool was shut down")
             self._start_locked()
+            dead = sum(1 for w in self._workers.values() if w.ready and not w.alive())
+        for _ in range(dead):
+            self._jobs.put(_PROBE)
         if wait:
             # Every slot has a ready worker (a replacement counts only once it is ready).
             deadline = time.monotonic() + self.settings.startup_timeout
@@ -247,8 +280,14 @@ class WorkerPool(Executor):
                 time.sleep(0.05)
 
     def worker_pids(self) -> list[int]:
+        """The pids of the warm workers."""
         with self._lock:
-            return [w.pid for w in self._workers.values() if w.ready and w.alive()]
+            return [w.pid for w in self._workers.values() if w.warm and w.alive()]
+
+    def ready_now(self) -> bool:
+        with self._lock:
+            return not self._closed and self._broken is None and any(
+                w.warm and not w.busy and w.alive() for w in self._workers.values())
 
     def shutdown(self, *, wait: bool = True) -> None:
         with self._lock:
@@ -296,32 +335,57 @@ class WorkerPool(Executor):
                 self._workers[index] = worker
             worker.wait_ready(self.settings.startup_timeout)
         except WorkerStartupError as e:
-            log.warning("fxoffload: %s", e)
-            self.stats.count_worker_failure(e.reason)
-            with self._lock:
-                self._workers.pop(index, None)
-                self._startup_failures += 1
-                if self._startup_failures >= MAX_STARTUP_FAILURES and self._broken is None:
-                    self._broken = WorkerStartupError(
-                        f"the fxoffload pool is broken: {self._startup_failures} workers "
-                        f"failed to start; last error: {e}")
-                    broken = self._broken
-                else:
-                    broken = None
-            if broken is not None:
-                log.error("%s", broken)
-                self._fail_pending(broken)
+            self._startup_failed(index, e)
+            return None
+        self.stats.add(worker_starts=1, worker_replacements=1 if replacing else 0)
+        return worker
+
+    def _warm(self, index: int, worker: _Worker) -> _Worker | None:
+        """Wait for a worker's WARM (no job was waiting when it came up)."""
+        try:
+            worker.wait_warm(wire.Deadline(self.settings.startup_timeout))
+        except WorkerStartupError as e:
+            self._startup_failed(index, e)
             return None
         with self._lock:
             self._startup_failures = 0
-        self.stats.add(worker_starts=1, worker_replacements=1 if replacing else 0)
         return worker
+
+    def _startup_failed(self, index: int, error: WorkerStartupError) -> None:
+        with self._lock:
+            self._workers.pop(index, None)
+            if self._closed:  # killed by shutdown (e.g. at exit) while starting: no news
+                log.debug("fxoffload: %s (the pool was shut down)", error)
+                return
+            self._startup_failures += 1
+            if self._startup_failures >= MAX_STARTUP_FAILURES and self._broken is None:
+                self._broken = WorkerStartupError(
+                    f"the fxoffload pool is broken: {self._startup_failures} workers "
+                    f"failed to start; last error: {error}")
+                broken = self._broken
+            else:
+                broken = None
+        log.warning("fxoffload: %s", error)
+        self.stats.count_worker_failure(error.reason)
+        if broken is not None:
+            log.error("%s", broken)
+            self._fail_pending(broken)
+
+    def _take(self, index: int, worker: _Worker | None) -> tuple[_Job | None, _Worker | None]:
+        """The next job. A worker that is not warm yet gets a job already waiting at once
+        (it then skips its warm-up); with none waiting, it is let warm up first."""
+        if worker is not None and not worker.warm:
+            try:
+                return self._jobs.get_nowait(), worker
+            except queue.Empty:
+                worker = self._warm(index, worker)
+        return self._jobs.get(), worker
 
     def _slot(self, index: int) -> None:
         worker: _Worker | None = self._spawn(index, replacing=False)
         replacing = False
         while not self._closed:
-            job = self._jobs.get()
+            job, worker = self._take(index, worker)
             if job is None or self._closed:
                 if job is not None and job.future.set_running_or_notify_cancel():
                     job.future.set_exception(PoolClosed("the fxoffload pool was shut down"))
@@ -330,6 +394,13 @@ class WorkerPool(Executor):
                 code = worker.kill()
                 self._note_failure(WorkerCrashed(worker.pid, code, "while idle"))
                 worker, replacing = None, True
+            if job is _PROBE:
+                if worker is None:
+                    worker = self._spawn(index, replacing)
+                elif self._any_dead():  # meant for another slot's worker
+                    self._jobs.put(_PROBE)
+                    time.sleep(0.01)
+                continue
             if worker is None:
                 worker = self._spawn(index, replacing)
                 if worker is None:
@@ -344,8 +415,10 @@ class WorkerPool(Executor):
             # Read by background compiles for queue-wait stats and the timeline.
             job.future.started = time.perf_counter()  # type: ignore[attr-defined]
             job.future.worker_pid = worker.pid  # type: ignore[attr-defined]
+            worker.busy = True
             try:
-                job.future.set_result(worker.run(job.request, job.timeout))
+                job.future.set_result(worker.run(job.request, job.timeout,
+                                                 self.settings.startup_timeout))
             except WorkerError as e:
                 self._note_failure(e)
                 job.future.set_exception(e)
@@ -354,12 +427,23 @@ class WorkerPool(Executor):
                 job.future.set_exception(WorkerError(f"unexpected pool failure: {e!r}"))
                 worker.kill()
                 worker, replacing = None, True
+            else:
+                worker.busy = False
+                with self._lock:
+                    self._startup_failures = 0
             if worker is None and not self._closed:
                 # Replace now, not at the next job, so the next compile finds a warm worker.
                 worker = self._spawn(index, replacing)
         if worker is not None:
             worker.stop()
 
+    def _any_dead(self) -> bool:
+        with self._lock:
+            return any(w.ready and not w.alive() for w in self._workers.values())
+
     def _note_failure(self, error: WorkerError) -> None:
+        if self._closed:  # shutdown killed it
+            log.debug("fxoffload: %s (the pool was shut down)", error)
+            return
         self.stats.count_worker_failure(error.reason)
         log.warning("fxoffload: %s; replacing the worker", error)

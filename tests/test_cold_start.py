@@ -1,0 +1,82 @@
+"""Never slower than stock with a cold pool: a synchronous compile that finds no warm
+worker free compiles here at once (the pool warms up meanwhile for later graphs); a
+worker that comes up with a request already waiting skips its warm-up; and an exit while
+workers start is quiet."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import pytest
+import torch
+from models import MLP
+
+import fxoffload
+from fxoffload.executors import get_executor
+
+
+def _fresh(**kw: Any) -> fxoffload.Settings:
+    # compile_threads=1 is in no other test's settings: a pool of its own, cold.
+    return fxoffload.Settings.resolve(workers=1, compile_threads=1, **kw)
+
+
+def test_sync_compile_with_a_cold_pool_runs_here_and_the_pool_warms_for_the_next() -> None:
+    settings = _fresh(mode="subprocess")
+    pool = get_executor(settings)
+    assert not pool.ready_now()
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(3, 16)
+    start = time.monotonic()
+    out = torch.compile(model, backend=fxoffload.backend(settings))(x)
+    torch.testing.assert_close(out, model(x))
+    snap = fxoffload.stats()
+    assert dict(snap.compiled_in_process) == {"no_warm_worker": 1}, snap
+    assert snap.graphs_offloaded == 0 and dict(snap.fallbacks) == {}
+    assert time.monotonic() - start < 120
+    pool.warmup(wait=True)  # started by that compile; now warm
+    assert pool.ready_now() and len(pool.worker_pids()) == 1
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=fxoffload.backend(settings))(x)
+    torch.testing.assert_close(out, model(x))
+    assert fxoffload.stats().graphs_offloaded == 1
+    assert dict(fxoffload.stats().compiled_in_process) == {"no_warm_worker": 1}
+
+
+def test_a_worker_that_comes_up_to_a_waiting_request_skips_its_warm_up(
+        caplog: pytest.LogCaptureFixture) -> None:
+    settings = _fresh(mode="async+subprocess", nice=0)
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(3, 16)
+    with caplog.at_level(logging.DEBUG, logger="fxoffload.pool"), torch.no_grad():
+        compiled = torch.compile(model, backend=fxoffload.backend(settings))
+        compiled(x)  # eagerly; the request waits for the worker, which is starting
+        assert fxoffload.wait(300)
+        out = compiled(x)
+    torch.testing.assert_close(out, model(x))
+    snap = fxoffload.stats()
+    assert snap.graphs_offloaded == 1 and snap.swaps == 1, snap
+    assert any("warm-up skipped for a waiting request" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("mode", ["async+subprocess", "subprocess"])
+def test_exit_while_workers_start_is_quiet(mode: str, tmp_path: Any) -> None:
+    """Exit with a worker still starting (async without wait(); a sync first compile that
+    ran here): nothing about killed workers is printed."""
+    script = textwrap.dedent(f"""
+        import torch, fxoffload
+        f = torch.compile(lambda x: x.sin() * 2, backend=fxoffload.backend(mode={mode!r}))
+        print(f(torch.randn(8)).shape)
+    """)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "torch.Size([8])" in out.stdout
+    assert "fxoffload" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
