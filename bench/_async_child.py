@@ -138,6 +138,8 @@ def _trace_calls(log: _CallLog, marks: dict[str, float]) -> None:
 
 
 def _setup_backend(config: str, spec: dict[str, Any], result: dict[str, Any]) -> Any:
+    if config == "eager":
+        return "eager"  # Dynamo only: no AOTAutograd, no Inductor
     if config == "aot-eager":
         return "aot_eager"
     if config in ("stock-normal", "stock-async"):
@@ -193,6 +195,10 @@ def _after(torch: Any, config: str, counter: _LogCounter, result: dict[str, Any]
         result["fxoffload_stats"] = _snap_dict(snap)
         result["fallbacks"] = dict(snap.fallbacks)
         result["graphs_offloaded"] = snap.graphs_offloaded
+        # Newer fields; getattr so that an older fxoffload still runs the benchmark.
+        result["compiled_in_process"] = dict(getattr(snap, "compiled_in_process", {}) or {})
+        result["fx_cache_hits"] = getattr(snap, "fx_cache_hits", None)
+        result["aot_cache_hits"] = getattr(snap, "aot_cache_hits", None)
     elif config == "stock-async":
         snap = _Counters(config).snapshot()
         result["stock_async_stats"] = snap
@@ -265,16 +271,17 @@ def run_model(spec: dict[str, Any], result: dict[str, Any]) -> None:
         waiter.start()
 
     # ---- time until every graph runs compiled --------------------------------------
-    # aot-eager and stock-normal: the first call already ran every graph compiled (or
-    # never compiles any: aot-eager). Background configs: call again, back to back with
-    # the same inputs, until a call runs no graph eagerly.
+    # eager, aot-eager and stock-normal: the first call already ran every graph compiled
+    # (or never compiles any: eager, aot-eager). Background configs: call again, back to
+    # back with the same inputs, until a call runs no graph eagerly.
     before = counters.eager_runs()
     result["first_call_eager_runs"] = before
     n_calls = 1
     if before is None or before == 0:
         result["all_compiled_s"] = result["first_output_s"]
-        result["compiled_outcome"] = ("no background compile: the first call ran compiled"
-                                      if config != "aot-eager" else "nothing to compile")
+        result["compiled_outcome"] = ("nothing to compile"
+                                      if config in ("eager", "aot-eager") else
+                                      "no background compile: the first call ran compiled")
     else:
         poll = float(spec.get("poll_s") or 0.0)
         deadline = t0 + spec["compiled_cap_s"]
@@ -328,6 +335,10 @@ def run_model(spec: dict[str, Any], result: dict[str, Any]) -> None:
         steps.append(time.perf_counter() - c0)
     result["steady_step_s"] = statistics.median(steps)
     result["steady_step_min_s"] = min(steps)
+    if len(steps) >= 2:  # the spread the parent reports beside the medians' ratio
+        q = statistics.quantiles(steps, n=20, method="inclusive")  # 5 %, 10 %, ... 95 %
+        for pct, value in (("p10", q[1]), ("p25", q[4]), ("p75", q[14]), ("p90", q[17])):
+            result[f"steady_step_{pct}_s"] = value
     result["steady_steps_s"] = steps
     calls.add("steady", s0, time.perf_counter())
     last_logits = _logits(out).detach().float() if not train else None

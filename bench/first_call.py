@@ -1,6 +1,7 @@
 """First-call benchmark: how long the torch.compile'd model's first call takes (Dynamo +
 AOTAutograd + Inductor compile + run) with stock Inductor, PyTorch's experimental
-SERIALIZE/SUBPROCESS FX compile modes, and fxoffload.
+SERIALIZE/SUBPROCESS FX compile modes, and fxoffload (including its default backend,
+``backend="fxoffload"``, as a new user would call it: ``fxoffload-default``).
 
 Every sample is a fresh Python process (bench/_child.py) with a fresh, empty
 TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR: caches stay enabled, as on a real cold
@@ -8,6 +9,8 @@ start, but nothing is in them. Configurations are interleaved within each repeti
 (and their order rotated from one repetition to the next) so drift hits all alike.
 
     python bench/first_call.py --size tiny --reps 1 --models gpt2          # CPU smoke run
+    python bench/first_call.py --size tiny --reps 1 --models gpt2 \\
+        --configs stock-normal,fxoffload-default                          # the smallest
     python bench/first_call.py --device cuda --size bench --out bench/results/first_call
 
 See bench/README.md.
@@ -37,11 +40,16 @@ CHILD = HERE / "_child.py"
 RESULT_MARKER = "FIRST_CALL_RESULT "  # keep in step with _child.py
 
 CONFIGS = ("stock-normal", "stock-serialize", "stock-subprocess", "fxoffload-serde",
-           "fxoffload-subprocess", "fxoffload-subprocess-cold")
+           "fxoffload-subprocess", "fxoffload-subprocess-cold", "fxoffload-default")
 STOCK_ENV = {"stock-normal": None, "stock-serialize": "SERIALIZE",
              "stock-subprocess": "SUBPROCESS"}
 MODELS = ("gpt2", "bert", "llama")
 BASELINE = "stock-normal"
+DEFAULT_BACKEND = "fxoffload-default"  # backend="fxoffload", FXOFFLOAD_* unset, no warmup
+
+# The issue's target (reported, not asserted): the default backend, cold, synchronous,
+# first call <= 1.0 x stock-normal's first call.
+TARGET_DEFAULT_FIRST_CALL = 1.0
 
 
 def _csv(allowed: tuple[str, ...]) -> Any:
@@ -100,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def child_env(config: str, cache_root: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("TORCHINDUCTOR_FX_COMPILE_MODE", None)
+    if config == DEFAULT_BACKEND:  # as a new user: no fxoffload settings at all
+        for var in [v for v in env if v.startswith("FXOFFLOAD_")]:
+            del env[var]
     mode = STOCK_ENV.get(config)
     if mode is not None:
         env["TORCHINDUCTOR_FX_COMPILE_MODE"] = mode
@@ -229,6 +240,10 @@ def summarise(samples: list[dict[str, Any]], configs: list[str],
                 for reason, n in (s.get("fallbacks") or {}).items():
                     fallbacks[reason] = fallbacks.get(reason, 0) + int(n)
             offloaded = sorted({s.get("graphs_offloaded") for s in ok} - {None})
+            in_process: dict[str, int] = {}
+            for s in ok:
+                for reason, n in (s.get("compiled_in_process") or {}).items():
+                    in_process[reason] = in_process.get(reason, 0) + int(n)
             row: dict[str, Any] = {
                 "config": config, "n": len(these), "ok": len(ok),
                 "median_s": statistics.median(times) if times else None,
@@ -237,6 +252,9 @@ def summarise(samples: list[dict[str, Any]], configs: list[str],
                 "warmup_median_s": statistics.median(warm) if warm else None,
                 "graphs_offloaded": offloaded,
                 "fallbacks": fallbacks,
+                "compiled_in_process": in_process,  # summed over reps, by reason
+                "fx_cache_hits": sum(int(s.get("fx_cache_hits") or 0) for s in ok),
+                "aot_cache_hits": sum(int(s.get("aot_cache_hits") or 0) for s in ok),
                 "eager_median_s": statistics.median(
                     [s["eager_call_s"] for s in ok if s.get("eager_call_s") is not None]
                     or [float("nan")]),
@@ -278,17 +296,19 @@ def markdown(summary: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> 
             f"## {model}",
             "",
             "| config | median first call (s) | ratio vs stock-normal | min (s) | max (s) "
-            "| warm-up (s) | graphs offloaded | fallbacks | ok |",
-            "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+            "| warm-up (s) | graphs offloaded | compiled in-process | fallbacks | ok |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
         ]
         for r in rows:
             ratio = _fmt(r["ratio_vs_stock_normal"]) + ("x" if r["ratio_vs_stock_normal"] else "")
             fb = ", ".join(f"{k} x{v}" for k, v in sorted(r["fallbacks"].items())) or "none"
             off = "/".join(str(x) for x in r["graphs_offloaded"]) or "-"
+            in_proc = ", ".join(f"{k} x{v}" for k, v in sorted(
+                (r.get("compiled_in_process") or {}).items())) or "-"
             lines.append(
                 f"| {r['config']} | {_fmt(r['median_s'])} | {ratio} | {_fmt(r['min_s'])} "
-                f"| {_fmt(r['max_s'])} | {_fmt(r['warmup_median_s'])} | {off} | {fb} "
-                f"| {r['ok']}/{r['n']} |")
+                f"| {_fmt(r['max_s'])} | {_fmt(r['warmup_median_s'])} | {off} | {in_proc} "
+                f"| {fb} | {r['ok']}/{r['n']} |")
         lines.append("")
         if eager:
             lines.append(f"Eager call for reference (median over samples): "
@@ -303,7 +323,33 @@ def markdown(summary: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> 
             lines.append("Errors:")
             lines += [f"- {c} {e.splitlines()[0][:300]}" for c, e in errors]
         lines.append("")
+    tg = targets(summary)
+    if tg:
+        lines += ["## Target (reported, not asserted)", "",
+                  "| model | target | measured (median) | limit | met | reps |",
+                  "|---|---|---|---:|---|---:|"]
+        lines += [f"| {t['model']} | {t['target']} | {t['measured']} | {t['limit']:.2f}x "
+                  f"| {'yes' if t['met'] else 'no'} | {t['reps']} |" for t in tg]
+        lines.append("")
     return "\n".join(lines)
+
+
+def targets(summary: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The issue's target per model: fxoffload-default's median first call over
+    stock-normal's (same run), at most TARGET_DEFAULT_FIRST_CALL."""
+    out = []
+    for model, rows in summary.items():
+        by = {r["config"]: r for r in rows}
+        r, base = by.get(DEFAULT_BACKEND), by.get(BASELINE)
+        if r is None or base is None or r["ratio_vs_stock_normal"] is None:
+            continue
+        v = r["ratio_vs_stock_normal"]
+        out.append({"model": model, "config": DEFAULT_BACKEND, "reps": r["ok"],
+                    "target": f"default backend first call <= {TARGET_DEFAULT_FIRST_CALL}x "
+                              "stock-normal", "value": v, "limit": TARGET_DEFAULT_FIRST_CALL,
+                    "measured": f"{v:.2f}x ({r['median_s']:.2f} s / {base['median_s']:.2f} s)",
+                    "met": v <= TARGET_DEFAULT_FIRST_CALL})
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                             + (f" (warm-up {sample['warmup_s']:.2f} s)"
                                if sample.get("warmup_s") is not None else "")
                             + f", offloaded {sample.get('graphs_offloaded')}"
+                            + (f", in-process {sample['compiled_in_process']}"
+                               if sample.get("compiled_in_process") else "")
                             + f", fallbacks {sample.get('fallbacks') or {}}")
                 print(f"[{done}/{total}] {model} rep {rep + 1}/{args.reps} {config}: {note}",
                       file=sys.stderr, flush=True)
@@ -359,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         md_path = args.out.with_suffix(".md")
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"meta": meta, "summary": summary,
-                                         "samples": samples}, indent=1, default=str) + "\n")
+                                         "targets": targets(summary), "samples": samples},
+                                        indent=1, default=str) + "\n")
         md_path.write_text(text + "\n")
         print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return 0 if all(not s.get("error") for s in samples) else 1
