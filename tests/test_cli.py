@@ -16,10 +16,21 @@ from models import MLP
 import fxoffload
 from fxoffload import cli, inspection, wire
 
+SRC = Path(fxoffload.__file__).resolve().parent.parent
+TORCH_HINT = ("install it with: pip install torch==2.13.0 (fxoffload supports torch 2.11 "
+              "through 2.13)")
+
 
 def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fxoffload.cli", *args], capture_output=True,
                           text=True, timeout=timeout, check=False)
+
+
+def _run_without_torch(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -S``: no site-packages, so no torch; PYTHONPATH still finds fxoffload."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.run([sys.executable, "-S", *args], capture_output=True, text=True,
+                          timeout=120, env=env, check=False)
 
 
 def _capture(directory: Path, x: torch.Tensor) -> Path:
@@ -126,7 +137,7 @@ def test_bad_input(command: str, static_request: Path, tmp_path: Path,
     cases = {
         "truncated.request.fxo": (data[: len(data) // 2], "truncated envelope"),
         "short.request.fxo": (data[:10], "truncated envelope"),
-        "random.request.fxo": (os.urandom(4096), "not an fxoffload envelope"),
+        "random.request.fxo": (b"\x00" + os.urandom(4095), "not an fxoffload file"),
         "flipped.request.fxo": (data[:-1] + bytes([data[-1] ^ 1]), "checksum mismatch"),
         "foreign.request.fxo": (
             wire.encode(wire.Kind.REQUEST, wire.decode(data).payload, torch_version="0.0.1"),
@@ -150,6 +161,56 @@ def test_bad_input_subprocess(tmp_path: Path) -> None:
     proc = _run("replay", str(path))
     assert proc.returncode == 2
     assert "truncated envelope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_version() -> None:
+    for module in ("fxoffload", "fxoffload.cli"):
+        proc = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines() == [f"fxoffload {fxoffload.__version__}",
+                                            f"torch {torch.__version__}"]
+
+
+def test_without_torch(static_request: Path) -> None:
+    assert _run_without_torch("-c", "import torch").returncode != 0  # the premise
+    proc = _run_without_torch("-m", "fxoffload", "--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"fxoffload {fxoffload.__version__}",
+                                        f"torch not installed in {sys.executable}"]
+    for argv in (["replay", str(static_request)], ["inspect", str(static_request)],
+                 ["demo", "--model", "block"]):
+        proc = _run_without_torch("-m", "fxoffload", *argv)
+        assert proc.returncode == 2, (argv, proc.stdout + proc.stderr)
+        assert proc.stderr.strip() == (f"fxoffload: error: torch is not installed in "
+                                       f"{sys.executable}; {TORCH_HINT}"), argv
+    script = ("import fxoffload\n"
+              "for call in (fxoffload.backend, fxoffload.enabled, fxoffload.warmup):\n"
+              "    try:\n"
+              "        call()\n"
+              "    except ImportError as e:\n"
+              "        print(type(e).__name__, e)\n")
+    proc = _run_without_torch("-c", script)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"ImportError torch is not installed in {sys.executable}; {TORCH_HINT}"] * 3
+
+
+@pytest.mark.parametrize("command", ["replay", "inspect"])
+def test_not_an_fxoffload_file(command: str, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    cases = {"twelve.py": b"print('hi')\n", "empty.request.fxo": b"", "x.fxo": b"FXOA",
+             "elf.fxo": b"\x7fELF" + bytes(60)}
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert cli.main([command, str(path)]) == 2, name
+        err = capsys.readouterr().err
+        assert "not an fxoffload file" in err and "truncated" not in err, (name, err)
+        assert len(err.strip().splitlines()) == 1
+    (tmp_path / "fx").write_bytes(b"FX")  # a prefix of the magic: a truncated capture
+    assert cli.main([command, str(tmp_path / "fx")]) == 2
+    assert "truncated envelope" in capsys.readouterr().err
 
 
 def test_normalize_source() -> None:

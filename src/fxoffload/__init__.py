@@ -10,6 +10,7 @@ hooks start on first use.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -40,16 +41,22 @@ __all__ = [
 ]
 
 
-def backend(settings: Settings | None = None, **kwargs: Any) -> Any:
-    from .integration import backend as _backend
+def _needs_torch(module: str) -> Any:
+    """``fxoffload.<module>``; without torch, an ImportError that says how to install it
+    (checked here: ``backend()`` and ``enabled()`` import torch only when first used)."""
+    if importlib.util.find_spec("torch") is None:
+        from .cli import torch_missing_message
 
-    return _backend(settings, **kwargs)
+        raise ImportError(torch_missing_message(), name="torch")
+    return importlib.import_module(f".{module}", __name__)
+
+
+def backend(settings: Settings | None = None, **kwargs: Any) -> Any:
+    return _needs_torch("integration").backend(settings, **kwargs)
 
 
 def enabled(settings: Settings | None = None, **kwargs: Any) -> Any:
-    from .integration import enabled as _enabled
-
-    return _enabled(settings, **kwargs)
+    return _needs_torch("integration").enabled(settings, **kwargs)
 
 
 def stats() -> Snapshot:
@@ -71,8 +78,8 @@ def warmup(settings: Settings | None = None, *, wait: bool = True, device: str |
     pattern tables for ``device`` — default cuda if available, else cpu — and the cache
     key's fixed parts: about 1.5-2 s, spent here in the calling thread). ``wait=True``
     also waits until the workers are ready."""
+    prepare_parent = _needs_torch("integration").prepare_parent
     from .executors import get_executor
-    from .integration import prepare_parent
 
     executor = get_executor(settings or Settings.resolve(**kwargs))
     executor.warmup(wait=False)

@@ -1,10 +1,14 @@
 """The ``fxoffload`` command line.
 
-    fxoffload replay FILE.request.fxo [--quiet]   recompile a captured request here
+    fxoffload --version                           fxoffload's and torch's versions
+    fxoffload replay FILE.request.fxo [--quiet] [--cache-dir DIR | --use-captured-cache]
+                                                  recompile a captured request here
     fxoffload inspect FILE.fxo                    show what a captured file holds
     fxoffload demo [--model gpt2|block] [--mode subprocess|serde] [--workers N]
 
-Exit codes: 0 success, 1 the compile (or the demo) failed, 2 bad input.
+Exit codes: 0 success, 1 the compile (or the demo) failed, 2 bad input (including no
+torch in this interpreter). Only the standard library is imported before a command runs,
+so ``--version`` and the missing-torch message work without torch.
 """
 
 from __future__ import annotations
@@ -20,14 +24,50 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .errors import FxOffloadError
 
 _RESULT_MARK = "FXOFFLOAD-DEMO-RESULT "
+TORCH_PIN = "2.13.0"  # what scripts/setup.sh installs
+TORCH_SUPPORTED = ("2.11", "2.13")  # oldest and newest torch fxoffload runs on
+_NEEDS_TORCH = ("replay", "inspect", "demo")
 
 
 def _fail(message: str) -> int:
     print(f"fxoffload: error: {message}", file=sys.stderr)
     return 2
+
+
+def torch_missing_message() -> str:
+    """What to say when torch cannot be imported (also ``fxoffload.backend()``'s error)."""
+    return (f"torch is not installed in {sys.executable}; install it with: pip install "
+            f"torch=={TORCH_PIN} (fxoffload supports torch {TORCH_SUPPORTED[0]} through "
+            f"{TORCH_SUPPORTED[1]})")
+
+
+def version_text() -> str:
+    """``fxoffload --version``: found without importing torch (its metadata is enough)."""
+    import importlib.metadata
+
+    if importlib.util.find_spec("torch") is None:
+        torch_line = f"torch not installed in {sys.executable}"
+    else:
+        try:
+            torch_line = f"torch {importlib.metadata.version('torch')}"
+        except importlib.metadata.PackageNotFoundError:  # e.g. a source checkout on the path
+            import torch
+
+            torch_line = f"torch {torch.__version__}"
+    return f"fxoffload {__version__}\n{torch_line}"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_text())
+        parser.exit()
 
 
 # --- replay / inspect -----------------------------------------------------------------
@@ -36,7 +76,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from . import inspection, protocol
 
     try:
-        data = inspection.read_bytes(args.file)
+        data = inspection.read_capture(args.file)
         preamble, _ = protocol.split_request(data)
     except (inspection.BadInput, FxOffloadError) as e:
         return _fail(str(e))
@@ -79,7 +119,7 @@ def _compare_with_capture(path: Path, source: str, quiet: bool) -> str:
     from . import inspection
 
     try:
-        captured = inspection.load_response(inspection.read_bytes(path))
+        captured = inspection.load_response(inspection.read_capture(path))
     except (inspection.BadInput, FxOffloadError) as e:
         return f"matches capture: unknown ({path.name} unreadable: {e})"
     old = getattr(captured.graph, "source_code", None)
@@ -96,7 +136,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from . import inspection
 
     try:
-        lines = inspection.file_lines(inspection.read_bytes(args.file))
+        lines = inspection.file_lines(inspection.read_capture(args.file))
     except (inspection.BadInput, FxOffloadError) as e:
         return _fail(str(e))
     print("\n".join(lines))
@@ -248,6 +288,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxoffload", description="Tools for fxoffload: "
                                      "TorchInductor compiles out of the model's process.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print fxoffload's version and torch's, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("replay", help="recompile a captured .request.fxo in this process; "
                        "compare with the captured .response.fxo beside it, if any")
@@ -272,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in _NEEDS_TORCH and importlib.util.find_spec("torch") is None:
+        return _fail(torch_missing_message())
     if getattr(args, "workers", None) is not None and args.workers < 1:
         return _fail("--workers must be a positive integer")
     return int(args.func(args))

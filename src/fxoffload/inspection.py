@@ -34,6 +34,19 @@ def read_bytes(path: str | Path) -> bytes:
         raise BadInput(f"{path}: cannot read: {e.strerror or e}") from None
 
 
+def read_capture(path: str | Path) -> bytes:
+    """``read_bytes``, and a file that does not start with fxoffload's magic is refused
+    here as not an fxoffload file (a short one would otherwise read as a truncated
+    envelope); a file cut inside the magic still reads as truncated."""
+    data = read_bytes(path)
+    head = data[: len(wire.MAGIC)]
+    if not data or (head != wire.MAGIC and not (len(data) < len(wire.MAGIC)
+                                                 and wire.MAGIC.startswith(data))):
+        raise BadInput(f"{path}: not an fxoffload file ({len(data)} bytes, starting "
+                       f"{head!r}; a capture starts with {wire.MAGIC!r})")
+    return data
+
+
 def fresh_fake_mode() -> Any:
     from torch._subclasses import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
