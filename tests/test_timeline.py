@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 from typing import Any
+
+import pytest
 
 SCRIPT = textwrap.dedent("""
     import os, torch, fxoffload
@@ -37,3 +40,39 @@ def test_trace_has_parent_and_worker_tracks(tmp_path: Any) -> None:
         "serialize", "wait for subprocess", "compile", "deserialize + replay"}
     compile_span = next(e for e in spans if e["name"].startswith("compile"))
     assert compile_span["tid"] == names[workers[0]] and compile_span["dur"] > 0
+
+
+# -- FXOFFLOAD_TRACE that cannot be written ------------------------------------------------
+
+
+def test_check_env_names_the_variable_and_the_os_error(tmp_path: Any, monkeypatch: Any) -> None:
+    from fxoffload import timeline
+    from fxoffload.errors import ConfigError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for bad in (blocker / "trace.json", tmp_path):  # under a file; a directory
+        monkeypatch.setenv("FXOFFLOAD_TRACE", str(bad))
+        with pytest.raises(ConfigError, match=r"FXOFFLOAD_TRACE=.*(Not a directory|Is a "
+                                              r"directory)"):
+            timeline.check_env()
+    fine = tmp_path / "new" / "dir" / "trace.json"
+    monkeypatch.setenv("FXOFFLOAD_TRACE", str(fine))
+    timeline.check_env()
+    assert not (tmp_path / "new").exists()  # what the check made is gone again
+    monkeypatch.delenv("FXOFFLOAD_TRACE")
+    timeline.check_env()
+
+
+def test_a_failed_write_warns_once_and_never_raises(tmp_path: Any, caplog: Any) -> None:
+    from fxoffload import timeline
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    tl = timeline.Timeline(blocker / "trace.json")
+    tl.instant("x", 0.0)
+    with caplog.at_level(logging.WARNING, logger="fxoffload"):
+        tl.flush()
+        tl.flush()
+    warnings = [r for r in caplog.records if "FXOFFLOAD_TRACE" in r.getMessage()]
+    assert len(warnings) == 1 and "a-file" in warnings[0].getMessage()
