@@ -2,10 +2,12 @@
 (the benchmark's model calls, the parent, the receiver thread, each worker), spans as
 bars, instant events (swaps, fallbacks, the benchmark's marks) as ticks.
 
-    python bench/plot_timeline.py TRACE.json [-o OUT.png|OUT.svg] [--title TEXT]
+    python bench/plot_timeline.py TRACE.json [OUT.png|OUT.svg] [--title TEXT]
 
-Writes a PNG with matplotlib when it is installed; otherwise (or for an .svg output) an
-SVG drawn by hand, with no dependencies. Time 0 is the earliest event in the file.
+(``-o OUT`` works too.) Writes a PNG with matplotlib when it is installed; otherwise (or
+for an .svg output) an SVG drawn by hand, with no dependencies, next to the PNG asked for
+(``OUT.svg``; a note on stderr says so). Time 0 is the earliest event in the file. Bars
+are labelled with their graph's Dynamo compile id (the events' ``compile_id`` arg).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def load(path: Path) -> tuple[list[tuple[tuple[int, int], str]], list[dict[str, 
     for e in timed:
         key = (e["pid"], e["tid"])
         names.setdefault(key, f"track {e['tid']}")
-        item = {"row": key, "name": e["name"], "start": (e["ts"] - t0) / 1e6}
+        item = {"row": key, "name": e["name"], "start": (e["ts"] - t0) / 1e6,
+                "args": e.get("args") or {}}
         if e["ph"] == "X":
             item["end"] = item["start"] + e.get("dur", 0) / 1e6
             spans.append(item)
@@ -85,13 +88,22 @@ def lanes(rows: list[Any], spans: list[dict[str, Any]]) -> dict[tuple[int, int],
     return count
 
 
-def _label(name: str) -> str:
-    """Short bar label: 'compile graph 1234 stage 0' -> 'g1234'; 'eager call x36' -> 'x36'."""
+def _label(name: str, args: dict[str, Any] | None = None) -> str:
+    """Short bar label: the graph's compile id ('0/0', '0/0 bw', '0/0 s1' for stage 1)
+    from the event's args; else from its name ('eager call x36' -> 'eager x36')."""
+    args = args or {}
+    if args.get("compile_id"):
+        label = str(args["compile_id"])
+        if args.get("part") == "backward":
+            label += " bw"
+        if args.get("stage"):
+            label += f" s{args['stage']}"
+        return label
     words = name.split()
     if "graph" in words:
         i = words.index("graph")
         if i + 1 < len(words):
-            return "g" + words[i + 1] + ("" if words[-1] == "0" else f" s{words[-1]}")
+            return "g" + words[i + 1]
     return f"{words[0]} {words[-1]}" if words[-1].startswith("x") else words[0]
 
 
@@ -105,6 +117,8 @@ def plot(trace: Path, out: Path, title: str | None = None) -> Path:
             return _plot_matplotlib(rows, spans, instants, out, title)
         except ImportError:
             out = out.with_suffix(".svg")
+            print(f"matplotlib is not installed: writing an SVG instead ({out})",
+                  file=sys.stderr)
     return _plot_svg(rows, spans, instants, out, title)
 
 
@@ -126,8 +140,8 @@ def _plot_matplotlib(rows: list[Any], spans: list[dict[str, Any]],
         ax.barh(yy, w, left=s["start"], height=0.7, color=colour(s["name"]),
                 edgecolor="black", linewidth=0.3)
         if w > end * 0.04:
-            ax.text(s["start"] + w / 2, yy, _label(s["name"]), ha="center", va="center",
-                    fontsize=7)
+            ax.text(s["start"] + w / 2, yy, _label(s["name"], s["args"]), ha="center",
+                    va="center", fontsize=7)
     for k, it in enumerate(instants):
         y0 = base[it["row"]] - 0.4
         y1 = base[it["row"]] + count[it["row"]] - 0.6
@@ -211,7 +225,7 @@ def _plot_svg(rows: list[Any], spans: list[dict[str, Any]],
                      f'fill="{colour(s["name"])}" stroke="black" stroke-width="0.4">'
                      f'<title>{esc(s["name"])}: {s["start"]:.3f}-{s["end"]:.3f} s '
                      f'({s["end"] - s["start"]:.3f} s)</title></rect>')
-        label = _label(s["name"])
+        label = _label(s["name"], s["args"])
         if w > 7 * len(label) + 4:
             parts.append(f'<text x="{x0 + w / 2:.1f}" y="{y + bar_h / 2 + 4:.1f}" '
                          f'text-anchor="middle" font-size="10">{esc(label)}</text>')
@@ -252,11 +266,15 @@ def _nice_step(end: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("trace", type=Path)
-    p.add_argument("-o", "--out", type=Path, default=None,
+    p.add_argument("out", type=Path, nargs="?", default=None,
                    help="output file (default: TRACE with .png; .svg without matplotlib)")
+    p.add_argument("-o", "--out", type=Path, default=None, dest="out_option",
+                   help="the output file, as an option")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
-    out = args.out or args.trace.with_suffix(".png")
+    if args.out and args.out_option and args.out != args.out_option:
+        p.error("give the output file once (OUT or -o OUT)")
+    out = args.out or args.out_option or args.trace.with_suffix(".png")
     written = plot(args.trace, out, args.title or args.trace.stem)
     print(written)
     return 0

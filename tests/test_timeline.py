@@ -76,3 +76,39 @@ def test_a_failed_write_warns_once_and_never_raises(tmp_path: Any, caplog: Any) 
         tl.flush()
     warnings = [r for r in caplog.records if "FXOFFLOAD_TRACE" in r.getMessage()]
     assert len(warnings) == 1 and "a-file" in warnings[0].getMessage()
+
+
+# -- bench/plot_timeline.py, as the README documents it --------------------------------
+
+
+def _small_trace(path: Any) -> None:
+    from fxoffload import timeline
+
+    tl = timeline.Timeline(path)
+    graph = {"compile_id": "0/0", "stage": 0, "nodes": 5}
+    tl.span("serialize graph 0/0", 1.0, 1.1, track=0, track_name="parent", **graph)
+    tl.span("compile graph 0/0", 1.1, 2.0, track=4242, track_name="worker 4242", pid=4242,
+            **graph)
+    tl.span("start worker 4242", 0.0, 0.9, track=4242, track_name="worker 4242", pid=4242)
+    tl.instant("swap graph 0/0", 2.1, **graph)
+    tl.flush()
+
+
+@pytest.mark.parametrize("suffix", ["svg", "png"])
+def test_plot_timeline_runs_as_documented(tmp_path: Any, suffix: str) -> None:
+    """README: ``python bench/plot_timeline.py TRACE.json OUT.png`` draws it."""
+    if suffix == "png":
+        pytest.importorskip("matplotlib")
+    trace, out = tmp_path / "trace.json", tmp_path / f"plot.{suffix}"
+    _small_trace(trace)
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "plot_timeline.py")
+    run = subprocess.run([sys.executable, script, str(trace), str(out)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(out)
+    data = out.read_bytes()
+    if suffix == "png":
+        assert data.startswith(b"\x89PNG")
+    else:
+        text = data.decode()
+        assert text.startswith("<svg") and "worker 4242" in text and ">0/0<" in text
