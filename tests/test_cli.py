@@ -130,6 +130,53 @@ def test_inspect_static_request_and_response(static_request: Path,
     assert "log records:" in out and "warnings:" in out
 
 
+def _with_cache_dirs(request: Path, dest: Path, inductor: Path, triton: Path) -> Path:
+    """A copy of ``request`` whose preamble names these cache dirs (as a run elsewhere)."""
+    preamble, body = pickle.loads(wire.decode(request.read_bytes()).payload)
+    preamble.update(cache_dir=str(inductor), triton_cache_dir=str(triton))
+    dest.write_bytes(wire.encode(wire.Kind.REQUEST, pickle.dumps((preamble, body))))
+    return dest
+
+
+def test_replay_uses_a_fresh_cache_dir(static_request: Path, tmp_path: Path) -> None:
+    # The captured run's cache dirs were deleted since: replay must not recreate them.
+    gone = tmp_path / "captured-run"
+    request = _with_cache_dirs(static_request, tmp_path / "r.request.fxo",
+                               gone / "inductor", gone / "triton")
+    proc = _run("replay", "--quiet", str(request))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    used = re.search(r"^cache dir: +(\S+) \(fresh, removed afterwards\)$", proc.stdout,
+                     re.MULTILINE)
+    assert used, proc.stdout
+    assert not gone.exists()
+    assert not Path(used.group(1)).exists()
+
+    mine = tmp_path / "mine"
+    proc = _run("replay", "--quiet", "--cache-dir", str(mine), str(request))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(rf"^cache dir: +{re.escape(str(mine))} \(--cache-dir\)$", proc.stdout,
+                     re.MULTILINE), proc.stdout
+    assert any(p.suffix == ".py" for p in mine.rglob("*"))  # the compile wrote here
+    assert not gone.exists()
+
+
+def test_replay_use_captured_cache(static_request: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    captured = tmp_path / "captured-run"
+    request = _with_cache_dirs(static_request, tmp_path / "r.request.fxo",
+                               captured / "inductor", captured / "triton")
+    proc = _run("replay", "--quiet", "--use-captured-cache", str(request))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(rf"^cache dir: +{re.escape(str(captured / 'inductor'))} \(the captured "
+                     r"run's, --use-captured-cache\)$", proc.stdout, re.MULTILINE), proc.stdout
+    assert any(p.suffix == ".py" for p in (captured / "inductor").rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["replay", "--cache-dir", str(tmp_path), "--use-captured-cache",
+                  str(request)])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["replay", "inspect"])
 def test_bad_input(command: str, static_request: Path, tmp_path: Path,
                    capsys: pytest.CaptureFixture[str]) -> None:

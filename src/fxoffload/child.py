@@ -14,6 +14,7 @@ an error response; only bytes that are not a valid request raise (``ProtocolErro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import sys
@@ -86,10 +87,15 @@ def _error(reason: str, summary: str, tb: str = "") -> CompileResponse:
     )
 
 
-def compile_request(data: bytes, *, in_parent: bool = False) -> bytes:
+def compile_request(data: bytes, *, in_parent: bool = False,
+                    cache_dirs: tuple[str, str] | None = None) -> bytes:
     """Compile one request here. ``in_parent`` skips the process preparation that only
-    a separate process needs."""
+    a separate process needs. ``cache_dirs`` (Inductor's, Triton's) replace the ones the
+    request names (``fxoffload replay`` compiles into a dir of its own)."""
     preamble, body = protocol.split_request(data)
+    if cache_dirs is not None:
+        preamble = dataclasses.replace(preamble, cache_dir=cache_dirs[0],
+                                       triton_cache_dir=cache_dirs[1])
     if not in_parent:
         try:
             prepare_process(preamble)

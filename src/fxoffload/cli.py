@@ -14,6 +14,7 @@ so ``--version`` and the missing-torch message work without torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +82,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         preamble, _ = protocol.split_request(data)
     except (inspection.BadInput, FxOffloadError) as e:
         return _fail(str(e))
-    from .child import compile_request
+    with _replay_cache_dirs(args, preamble) as (cache_dirs, cache_line):
+        from .child import compile_request
 
-    try:
-        response = inspection.load_response(compile_request(data))
-    except FxOffloadError as e:
-        print(f"fxoffload: replay produced no readable response: {e}", file=sys.stderr)
-        return 1
+        try:
+            response = inspection.load_response(compile_request(data, cache_dirs=cache_dirs))
+        except FxOffloadError as e:
+            print(f"fxoffload: replay produced no readable response: {e}", file=sys.stderr)
+            return 1
     lines = [inspection.format_record(r) for r in response.logs]
     lines += ["warning: " + inspection.format_warning(w) for w in response.warnings]
     s, source = preamble.summary, getattr(response.graph, "source_code", None)
@@ -102,6 +105,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"kernels:       {getattr(response.metrics, 'generated_kernel_count', '?')} generated "
         "(generated_kernel_count delta)",
         f"source code:   {len(source or '')} chars",
+        f"cache dir:     {cache_line}",
     ]
     if response.error is not None:
         reason, summary, tb = response.error
@@ -113,6 +117,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if str(args.file).endswith(".request.fxo") and sibling.is_file():
         print(_compare_with_capture(sibling, source or "", args.quiet))
     return 0
+
+
+@contextlib.contextmanager
+def _replay_cache_dirs(args: argparse.Namespace, preamble: Any
+                       ) -> Iterator[tuple[tuple[str, str] | None, str]]:
+    """The (Inductor, Triton) cache dirs replay compiles into, and how to name them: a
+    fresh temporary dir removed afterwards (default), ``--cache-dir DIR``, or the captured
+    run's (``--use-captured-cache``: None, the request's own dirs)."""
+    if args.use_captured_cache:
+        where = preamble.cache_dir or "(none recorded: this process's default)"
+        yield None, f"{where} (the captured run's, --use-captured-cache)"
+    elif args.cache_dir is not None:
+        path = os.path.abspath(args.cache_dir)
+        yield (path, os.path.join(path, "triton")), f"{path} (--cache-dir)"
+    else:
+        with tempfile.TemporaryDirectory(prefix="fxoffload-replay-",
+                                         ignore_cleanup_errors=True) as path:
+            yield (path, os.path.join(path, "triton")), f"{path} (fresh, removed afterwards)"
 
 
 def _compare_with_capture(path: Path, source: str, quiet: bool) -> str:
@@ -295,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "compare with the captured .response.fxo beside it, if any")
     p.add_argument("file", help="a <pid>-<seq>-<id>.request.fxo written by mode='capture'")
     p.add_argument("--quiet", "-q", action="store_true", help="no traceback, no code diff")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cache-dir", metavar="DIR",
+                       help="compile into this Inductor cache dir (Triton's: DIR/triton); "
+                       "default: a fresh temporary dir, removed afterwards")
+    where.add_argument("--use-captured-cache", action="store_true",
+                       help="compile into the captured run's Inductor and Triton cache dirs, "
+                       "as a worker would (recreating them if deleted)")
     p.set_defaults(func=cmd_replay)
     p = sub.add_parser("inspect", help="show what a captured request or response holds")
     p.add_argument("file", help="a .request.fxo or .response.fxo file")
