@@ -10,7 +10,10 @@ Captured in the parent (``capture_state``), restored in the child (``restored``)
 - FakeTensorMode flags;
 - global torch flags that change generated code (deterministic algorithms, float32
   matmul precision, TF32) and the test suite's DeterministicGuard;
-- the levels of the ``torch._inductor`` loggers.
+- the levels of the ``torch._inductor`` loggers;
+- whether torch's structured trace (``TORCH_TRACE``, for tlparse) is on, and the compile
+  id its records are filed under: the child captures what ``trace_structured`` emits
+  during the compile and the parent writes it into its own trace log (``replay``).
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class CapturedState:
     inductor_effective_level: int
     fw_metadata: FwMetadataView | None = None
     triton_backend_hash: str | None = None
+    # None: the parent writes no structured trace. Else the ids its records carry
+    # (frame_id, frame_compile_id, attempt, ...; empty outside a Dynamo compile).
+    structured_trace: dict[str, int] | None = None
 
 
 def capture_state(fake_mode: Any, *, gpu: bool = False) -> CapturedState:
@@ -106,7 +112,32 @@ def capture_state(fake_mode: Any, *, gpu: bool = False) -> CapturedState:
         inductor_effective_level=logging.getLogger("torch._inductor").getEffectiveLevel(),
         fw_metadata=FwMetadataView.capture(),
         triton_backend_hash=_triton_backend_hash() if gpu else None,
+        structured_trace=_capture_structured_trace(),
     )
+
+
+def _trace_log() -> logging.Logger:
+    return logging.getLogger("torch.__trace")  # torch._logging._internal.trace_log
+
+
+def _capture_structured_trace() -> dict[str, int] | None:
+    """The trace ids of the current compile when this process writes a structured trace.
+    A handler without a directory (torch installs one when TORCH_TRACE is unset) writes
+    nothing: it removes itself at the first record."""
+    from torch._logging._internal import LazyTraceHandler
+
+    if not any(not (isinstance(h, LazyTraceHandler) and h.root_dir is None)
+               for h in _trace_log().handlers):
+        return None
+    trace_id = torch._guards.CompileContext.current_trace_id()
+    if trace_id is None:
+        return {}
+    ids = {"attempt": trace_id.attempt}
+    for name in ("compiled_autograd_id", "frame_id", "frame_compile_id"):
+        value = getattr(trace_id.compile_id, name, None)
+        if value is not None:
+            ids[name] = value
+    return ids
 
 
 def _triton_backend_hash() -> str | None:
@@ -198,17 +229,41 @@ class _CaptureHandler(logging.Handler):
         self.records.append(clone)
 
 
+class _TraceCaptureHandler(_CaptureHandler):
+    """Captures ``trace_structured``'s records (their metadata and payload go along as
+    record attributes), filed under the parent's compile id: the child has no Dynamo
+    compile context, so torch recorded a stack instead."""
+
+    def __init__(self, records: list[logging.LogRecord], ids: dict[str, int]) -> None:
+        super().__init__(records)
+        self.ids = ids
+
+    def emit(self, record: logging.LogRecord) -> None:
+        metadata = getattr(record, "metadata", None)
+        if self.ids and isinstance(metadata, dict) and "frame_id" not in metadata \
+                and "compiled_autograd_id" not in metadata:
+            metadata.pop("stack", None)
+            metadata.update(self.ids)
+        super().emit(record)
+
+
 @contextlib.contextmanager
 def captured_logs(state: CapturedState) -> Iterator[list[logging.LogRecord]]:
     """Route every ``torch._inductor`` record into a list, at the parent's levels, and
-    nowhere else; restore the loggers exactly afterwards."""
+    nowhere else; restore the loggers exactly afterwards. When the parent writes a
+    structured trace, what ``trace_structured`` emits goes into the list too (and into
+    no trace log of this process)."""
     records: list[logging.LogRecord] = []
     handler = _CaptureHandler(records)
     root = logging.getLogger("torch._inductor")
     for name in state.logger_levels:
         logging.getLogger(name)
     saved = {lg.name: (lg.level, lg.propagate, list(lg.handlers)) for lg in _inductor_loggers()}
+    trace_log, trace_handlers = _trace_log(), list(_trace_log().handlers)
+    trace_ids = getattr(state, "structured_trace", None)  # absent from older captures
     try:
+        if trace_ids is not None:
+            trace_log.handlers[:] = [_TraceCaptureHandler(records, trace_ids)]
         for lg in _inductor_loggers():
             level, propagate = state.logger_levels.get(lg.name, (logging.NOTSET, True))
             lg.setLevel(level)
@@ -224,6 +279,8 @@ def captured_logs(state: CapturedState) -> Iterator[list[logging.LogRecord]]:
             root.addHandler(handler)
         yield records
     finally:
+        if trace_ids is not None:
+            trace_log.handlers[:] = trace_handlers
         for lg in _inductor_loggers():
             if lg.name in saved:
                 level, propagate, handlers = saved[lg.name]

@@ -92,6 +92,17 @@ def _warm_up(phases: dict[str, float]) -> None:
         logging.disable(logging.NOTSET)
 
 
+def _no_trace_log() -> None:
+    """This process writes no structured trace (TORCH_TRACE, or TORCH_COMPILE_DEBUG's
+    tlparse dir) of its own: its warm-up is not the user's, and what a request's compile
+    emits is captured and written by the parent into its own log (state.captured_logs).
+    torch opens that log at its first record, so none is opened."""
+    from torch._logging._internal import trace_log
+
+    for handler in list(trace_log.handlers):
+        trace_log.removeHandler(handler)
+
+
 def main(argv: list[str]) -> int:
     request_fd, response_fd = int(argv[1]), int(argv[2])
     parent = int(os.environ.get("FXOFFLOAD_PARENT_PID", os.getppid()))
@@ -108,6 +119,7 @@ def main(argv: list[str]) -> int:
     from . import wire
     from .child import compile_request  # imports torch
 
+    _no_trace_log()
     phases: dict[str, float] = {"import_s": time.perf_counter() - start}
     ready = pickle.dumps({"pid": os.getpid(), "startup_s": time.perf_counter() - start})
     wire.write_all(response_fd, wire.encode(wire.Kind.READY, ready), wire.Deadline(None))

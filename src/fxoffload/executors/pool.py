@@ -68,6 +68,8 @@ class _Worker:
         self.resp_r, resp_w = os.pipe()
         env = dict(os.environ)
         env.pop("TORCHINDUCTOR_FX_COMPILE_MODE", None)  # no pool inside the pool
+        # No structured trace of its own: the parent's log gets its compiles (worker.py).
+        env.pop("TORCH_TRACE", None)
         env["FXOFFLOAD_PARENT_PID"] = str(os.getpid())
         env["FXOFFLOAD_WORKER_NICE"] = str(settings.worker_nice)
         threads = settings.compile_threads or max(1, (os.cpu_count() or 1) // settings.workers)
