@@ -33,9 +33,11 @@ One more global cannot be kept apart per thread: **the FX node metadata**
 ``set/reset_grad_fn_seq_nr`` update while AOTAutograd traces a backward. Two traces that
 overlap without nesting put back each other's state (a deferred trace failed with
 "Expected current_level > 0, got 0" when ``async+serde``'s compile thread finished a
-compile under it). So our threads take turns (``turn``), and each holds Dynamo's compile
-lock while it traces or compiles, as Dynamo's own compiles do: the user's thread never
-traces beside them.
+compile under it). So our threads take turns (``turn``). A deferred trace also holds
+Dynamo's compile lock, as Dynamo's own compiles do, so the user's thread never traces
+beside it; ``async+serde``'s compile thread does not (the user's next frames would wait
+for its whole compile), so there a trace on the user's thread may overlap its compile's
+pattern traces: that mode is for tests and debugging.
 
 Installed when a background backend is made (on the caller's thread), never at import.
 Per-thread state that our threads must take over from the caller's instead (the current

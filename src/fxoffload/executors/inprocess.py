@@ -2,8 +2,8 @@
 
 Synchronous modes compile in the calling thread. Background modes (``async+serde``) need
 the call to return at once, so they compile on one daemon thread, one request at a time;
-that thread shares this process's Inductor config and holds Dynamo's compile lock while it
-compiles (see ``isolation``), so it is meant for tests and for debugging the boundary,
+that thread shares this process's Inductor config (see ``isolation`` for what is kept
+apart from the user's thread), so it is meant for tests and for debugging the boundary,
 not for speed."""
 
 from __future__ import annotations
@@ -64,14 +64,12 @@ class InProcessExecutor(Executor):
         return future
 
     def _serve(self, jobs: queue.SimpleQueue[tuple[bytes, Future[bytes]] | None]) -> None:
-        from torch._dynamo.convert_frame import compile_lock
-
         while (job := jobs.get()) is not None:
-            # Kept apart from the user's thread as a deferred trace is (isolation): not at
-            # once with another trace or compile of ours, nor beside Dynamo (the FX node
-            # metadata is process-global), and marked as ours (no RNG restore, no FX
-            # tracing flag or patches seen by the user's thread).
-            with isolation.turn, compile_lock, isolation.our_thread():
+            # Not at once with another trace or compile of ours (the FX node metadata is
+            # process-global), and marked as ours: no RNG restore, no FX tracing flag or
+            # patches seen by the user's thread (isolation). Dynamo's compile lock is not
+            # taken: the user's next frames would wait for the whole compile.
+            with isolation.turn, isolation.our_thread():
                 _run(*job)
 
     def shutdown(self, *, wait: bool = True) -> None:
