@@ -59,6 +59,55 @@ def dynamic_request(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _capture(tmp_path_factory.mktemp("dynamic"), x)
 
 
+@pytest.fixture(scope="module")
+def training_requests(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    directory = tmp_path_factory.mktemp("training")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    backend = fxoffload.backend(mode="capture", capture_dir=directory)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch.compile(MLP(), backend=backend)(torch.randn(4, 16)).sum().backward()
+    torch._dynamo.reset()
+    return sorted(directory.glob("*.request.fxo"))
+
+
+_NAME = re.compile(r"^(\d+)-(\d{4})-(forward|backward|inference)-(\d+)_(\d+)-([0-9a-f]{12})"
+                   r"\.request\.fxo$")
+
+
+def test_capture_names_say_which_graph(static_request: Path, training_requests: list[Path],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    match = _NAME.match(static_request.name)
+    assert match and match.group(3) == "inference", static_request.name
+    assert int(match.group(1)) == os.getpid()
+    names = [_NAME.match(p.name) for p in training_requests]
+    assert all(names), [p.name for p in training_requests]
+    assert [(m.group(3), m.group(4), m.group(5)) for m in names if m] == [
+        ("forward", names[0].group(4), names[0].group(5)),
+        ("backward", names[0].group(4), names[0].group(5))]  # one frame, two graphs
+    for path, m in zip(training_requests, names, strict=True):
+        assert path.with_name(path.name.replace(".request.", ".response.")).is_file()
+        assert cli.main(["inspect", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert m and f"request id:   {m.group(6)}" in out
+        assert f"graph:        {m.group(3)}, Dynamo compile id {m.group(4)}/{m.group(5)}" in out
+        assert f"compile_id={m.group(4)}/{m.group(5)}" in out  # in the summary
+
+
+def test_capture_name_without_compile_id(static_request: Path) -> None:
+    from fxoffload import protocol
+    from fxoffload.executors.capture import capture_stem
+
+    preamble, _ = protocol.split_request(static_request.read_bytes())
+    preamble.summary.pop("compile_id", None)  # a request made outside Dynamo
+    assert capture_stem(preamble, 7) == \
+        f"{os.getpid()}-0007-inference-na-{preamble.request_id}"
+    preamble.summary.update(compile_id="!2/0/1", is_inference=False, is_backward=True)
+    assert capture_stem(preamble, 8) == \
+        f"{os.getpid()}-0008-backward-ca2_0_1-{preamble.request_id}"
+
+
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in ([], ["replay"], ["inspect"], ["demo"]):
         with pytest.raises(SystemExit) as exit_info:
@@ -78,6 +127,8 @@ def test_replay_matches_capture(static_request: Path) -> None:
     assert f"request id:    {request_id}" in out
     assert f"torch:         {torch.__version__}" in out
     assert re.search(r"graph: +\d+ nodes, \d+ inputs, devices cpu \(inference\)", out)
+    match = _NAME.match(static_request.name)
+    assert match and f"compile id:    {match.group(4)}/{match.group(5)}\n" in out
     assert re.search(r"compile: +\d+\.\d+ s", out)
     assert re.search(r"kernels: +[1-9]\d* generated", out)
     assert re.search(r"source code: +[1-9]\d* chars", out)

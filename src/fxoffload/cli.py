@@ -93,11 +93,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     lines = [inspection.format_record(r) for r in response.logs]
     lines += ["warning: " + inspection.format_warning(w) for w in response.warnings]
     s, source = preamble.summary, getattr(response.graph, "source_code", None)
-    kind = ("backward" if s.get("is_backward") else
-            "inference" if s.get("is_inference") else "forward")
+    kind = protocol.graph_kind(s)
     lines += [
         f"== replay of {args.file} ==",
         f"request id:    {preamble.request_id}",
+        f"compile id:    {s.get('compile_id') or '-'}",
         f"torch:         {preamble.torch_version}",
         f"graph:         {s.get('nodes')} nodes, {s.get('inputs')} inputs, "
         f"devices {', '.join(s.get('devices', [])) or '-'} ({kind})",
@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("replay", help="recompile a captured .request.fxo in this process; "
                        "compare with the captured .response.fxo beside it, if any")
-    p.add_argument("file", help="a <pid>-<seq>-<id>.request.fxo written by mode='capture'")
+    p.add_argument("file", help="a <pid>-<seq>-<kind>-<dynamo id>-<id>.request.fxo written "
+                   "by mode='capture'")
     p.add_argument("--quiet", "-q", action="store_true", help="no traceback, no code diff")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--cache-dir", metavar="DIR",

@@ -107,8 +107,11 @@ def nonzero_metrics(metrics: Any) -> dict[str, Any]:
 def preamble_lines(preamble: protocol.Preamble) -> list[str]:
     created = datetime.datetime.fromtimestamp(preamble.created).isoformat(" ", "seconds")
     summary = ", ".join(f"{k}={v}" for k, v in preamble.summary.items())
+    compile_id = preamble.summary.get("compile_id")
     return [
         f"request id:   {preamble.request_id}",
+        f"graph:        {protocol.graph_kind(preamble.summary)}, "
+        + (f"Dynamo compile id {compile_id}" if compile_id else "no Dynamo compile id"),
         f"torch:        {preamble.torch_version}",
         f"created:      {created}",
         f"summary:      {summary}",

@@ -76,6 +76,17 @@ def _cache_dirs() -> tuple[str | None, str | None]:
     return inductor, os.environ.get("TRITON_CACHE_DIR")
 
 
+def _compile_id() -> str | None:
+    """Dynamo's compile id of the frame being compiled (``"0/0"``: frame 0, its first
+    compile; ``"!1/0/0"`` under compiled autograd), as in TORCH_LOGS and tlparse; None
+    outside a Dynamo compile."""
+    try:
+        compile_id = torch._guards.CompileContext.current_compile_id()
+        return None if compile_id is None else str(compile_id)
+    except Exception:  # noqa: BLE001 - an id torch cannot print is no id
+        return None
+
+
 def summarize(gm: torch.fx.GraphModule, example_inputs: list[Any],
               graph_kwargs: dict[str, Any]) -> dict[str, Any]:
     devices = sorted({str(t.device) for t in example_inputs if isinstance(t, torch.Tensor)})
@@ -85,7 +96,15 @@ def summarize(gm: torch.fx.GraphModule, example_inputs: list[Any],
         "devices": devices,
         "is_backward": bool(graph_kwargs.get("is_backward", False)),
         "is_inference": bool(graph_kwargs.get("is_inference", False)),
+        "compile_id": _compile_id(),
     }
+
+
+def graph_kind(summary: dict[str, Any]) -> str:
+    """``forward``, ``backward`` or ``inference``: which graph of its frame a request is."""
+    if summary.get("is_backward"):
+        return "backward"
+    return "inference" if summary.get("is_inference") else "forward"
 
 
 def encode_request(request: CompileRequest, *, extra_imports: tuple[str, ...] = ()) -> bytes:

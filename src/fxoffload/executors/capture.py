@@ -1,17 +1,27 @@
 """``capture``: like ``serde``, and every request and response is written to a directory
-as ``<pid>-<seq>-<id>.request.fxo`` / ``.response.fxo`` for ``fxoffload replay`` and
-``fxoffload inspect``."""
+as ``<pid>-<seq>-<kind>-<dynamo id>-<id>.request.fxo`` / ``.response.fxo`` for
+``fxoffload replay`` and ``fxoffload inspect`` (see ``capture_stem``)."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
 from concurrent.futures import Future
 from pathlib import Path
 
-from ..protocol import split_request
+from ..protocol import Preamble, graph_kind, split_request
 from .base import Executor
 from .inprocess import InProcessExecutor
+
+
+def capture_stem(preamble: Preamble, seq: int) -> str:
+    """``<pid>-<seq>-<kind>-<dynamo id>-<request id>``: kind is forward, backward or
+    inference; the Dynamo id is the frame's compile id with ``_`` for ``/`` (``0_0``;
+    ``ca1_0_0`` under compiled autograd; ``na`` for a graph compiled outside Dynamo)."""
+    compile_id = preamble.summary.get("compile_id")
+    tag = re.sub(r"[^0-9A-Za-z]", "_", compile_id.replace("!", "ca")) if compile_id else "na"
+    return f"{os.getpid()}-{seq:04d}-{graph_kind(preamble.summary)}-{tag}-{preamble.request_id}"
 
 
 class CaptureExecutor(Executor):
@@ -32,7 +42,7 @@ class CaptureExecutor(Executor):
 
     def submit(self, request: bytes, *, timeout: float | None = None) -> Future[bytes]:
         preamble, _ = split_request(request)
-        stem = f"{os.getpid()}-{next(self._seq):04d}-{preamble.request_id}"
+        stem = capture_stem(preamble, next(self._seq))
         self._write(self.directory / f"{stem}.request.fxo", request)
         response_path = self.directory / f"{stem}.response.fxo"
 
