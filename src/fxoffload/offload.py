@@ -168,7 +168,8 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
     executor = get_executor(settings)
     if not executor.ready_now():
         # No warm worker is free: waiting for one would make this compile slower than
-        # stock's. Compile it here; the pool warms up meanwhile for the graphs to come.
+        # stock's. Compile it here; the pool warms up meanwhile for the graphs to come
+        # (its workers start in the idle CPU class: see worker.main).
         executor.warmup(wait=False)
         STATS.count_in_process("no_warm_worker")
         if (tl := timeline.get()) is not None:
@@ -219,17 +220,34 @@ def handle_failure(settings: Settings, reason: str, error: FxOffloadError,
 
 def _trace(tl: timeline.Timeline, settings: Settings, gm: torch.fx.GraphModule,
            response: protocol.CompileResponse, t0: float, t1: float, t2: float,
-           t4: float) -> None:
-    graph = f"graph {STATS.graphs_offloaded} ({len(gm.graph.nodes)} nodes)"
-    tl.span(f"serialize {graph}", t0, t1, track=0, track_name="parent")
-    tl.span(f"wait for {settings.base_mode}", t1, t2, track=0, track_name="parent")
+           t4: float, *, data: bytes | None = None, raw: bytes | None = None) -> None:
+    """A synchronous compile's spans, named by the graph's Dynamo compile id (this runs
+    on the caller's thread, inside Dynamo's compile); ``data``/``raw``, when given, add
+    the request's and response's sizes and the request's id."""
+    from . import progress
+
+    graph = progress.identify(gm)
+    name = f"graph {graph.label}"
+    args = graph.args(stage=0, pid=response.pid,
+                      bytes_sent=len(data) if data is not None else None,
+                      bytes_received=len(raw) if raw is not None else None)
+    if data is not None:
+        try:
+            args["request"] = protocol.split_request(data, check_torch=False)[0].request_id
+        except Exception:  # noqa: BLE001 - a name for the timeline, nothing more
+            pass
+    tl.span(f"serialize {name}", t0, t1, track=0, track_name="parent", step="serialize",
+            **args)
+    tl.span(f"wait for {settings.base_mode} {name}", t1, t2, track=0, track_name="parent",
+            step="wait", **args)
     if response.pid == os.getpid():  # serde/capture: the compile ran on this thread
         track, track_name = 1, "compile (in process)"
     else:
         track, track_name = response.pid, f"worker {response.pid}"
-    tl.span(f"compile {graph}", t2 - response.compile_s, t2, track=track,
-            track_name=track_name)
-    tl.span(f"deserialize + replay {graph}", t2, t4, track=0, track_name="parent")
+    tl.span(f"compile {name}", t2 - response.compile_s, t2, track=track,
+            track_name=track_name, step="compile", **args)
+    tl.span(f"deserialize + replay {name}", t2, t4, track=0, track_name="parent",
+            step="deserialize + replay", **args)
     tl.flush()
 
 

@@ -31,6 +31,19 @@ def _watch_parent(parent: int) -> None:
         time.sleep(0.25)
 
 
+def _idle_class(on: bool) -> bool:
+    """Put this process in (or back out of) Linux's SCHED_IDLE class; False where that
+    cannot be done. Children started meanwhile (Inductor's compile pool) keep it."""
+    policy = getattr(os, "SCHED_IDLE" if on else "SCHED_OTHER", None)
+    if policy is None:
+        return False
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError:
+        return False
+    return True
+
+
 def _warm_up(phases: dict[str, float]) -> None:
     """One tiny compile (on CUDA when a GPU is present, on CPU otherwise), so imports,
     the Triton (or C++) toolchain and Inductor's own compile pools are warm before the
@@ -114,6 +127,9 @@ def main(argv: list[str]) -> int:
     nice = int(os.environ.get("FXOFFLOAD_WORKER_NICE", "0"))
     if nice:
         os.nice(nice)
+    # Synchronous modes start workers beside the parent's own first compile: until warm,
+    # take only CPU time nobody else wants, so that compile is not slowed.
+    idle_start = os.environ.get("FXOFFLOAD_WORKER_IDLE_START") == "1" and _idle_class(True)
 
     start = time.perf_counter()
     from . import wire
@@ -128,6 +144,8 @@ def main(argv: list[str]) -> int:
     waiting = bool(select.select([request_fd], [], [], _REQUEST_GRACE_S)[0])
     if os.environ.get("FXOFFLOAD_WORKER_WARMUP", "1") == "1" and not waiting:
         _warm_up(phases)
+    if idle_start:
+        _idle_class(False)
     warm = pickle.dumps({"startup_s": time.perf_counter() - start, "phases": phases,
                          "skipped": waiting})
     wire.write_all(response_fd, wire.encode(wire.Kind.WARM, warm), wire.Deadline(None))

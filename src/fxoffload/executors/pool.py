@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from .. import wire
+from .. import timeline, wire
 from ..errors import (
     PoolClosed,
     ProtocolError,
@@ -72,6 +72,8 @@ class _Worker:
         env.pop("TORCH_TRACE", None)
         env["FXOFFLOAD_PARENT_PID"] = str(os.getpid())
         env["FXOFFLOAD_WORKER_NICE"] = str(settings.worker_nice)
+        if not settings.background:  # see worker.main
+            env["FXOFFLOAD_WORKER_IDLE_START"] = "1"
         threads = settings.compile_threads or max(1, (os.cpu_count() or 1) // settings.workers)
         env["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
         try:
@@ -331,15 +333,25 @@ class WorkerPool(Executor):
                 return
 
     def _spawn(self, index: int, replacing: bool) -> _Worker | None:
+        t0 = time.perf_counter()
         try:
             worker = _Worker(self.settings)
+            t1 = time.perf_counter()
             with self._lock:
                 self._workers[index] = worker
-            worker.wait_ready(self.settings.startup_timeout)
+            import_s = worker.wait_ready(self.settings.startup_timeout)
         except WorkerStartupError as e:
             self._startup_failed(index, e)
             return None
         self.stats.add(worker_starts=1, worker_replacements=1 if replacing else 0)
+        if (tl := timeline.get()) is not None:  # start-up, on the worker's own track
+            t2 = time.perf_counter()
+            tl.span(f"start worker {worker.pid}", t0, t2, track=worker.pid,
+                    track_name=f"worker {worker.pid}", step="start-up", pid=worker.pid,
+                    slot=index, replacing=replacing, popen_s=round(t1 - t0, 4),
+                    interpreter_s=round(max(0.0, t2 - t1 - import_s), 4),
+                    import_s=round(import_s, 4))
+            tl.flush()
         return worker
 
     def _warm(self, index: int, worker: _Worker) -> _Worker | None:
