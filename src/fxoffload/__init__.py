@@ -14,6 +14,7 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    CaptureWriteFailed,
     ConfigError,
     FxOffloadError,
     NotOffloadable,
@@ -34,10 +35,10 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "FxOffloadError", "NotOffloadable", "PoolClosed", "ProtocolError",
-    "RemoteCompileError", "Settings", "VersionMismatch", "WorkerCrashed", "WorkerError",
-    "WorkerStartupError", "WorkerTimeout", "backend", "enabled", "reset_stats", "shutdown",
-    "stats", "wait", "warmup",
+    "CaptureWriteFailed", "ConfigError", "FxOffloadError", "NotOffloadable", "PoolClosed",
+    "ProtocolError", "RemoteCompileError", "Settings", "VersionMismatch", "WorkerCrashed",
+    "WorkerError", "WorkerStartupError", "WorkerTimeout", "backend", "enabled", "reset_stats",
+    "shutdown", "stats", "wait", "warmup",
 ]
 
 

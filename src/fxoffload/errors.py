@@ -11,7 +11,8 @@
         ├── WorkerTimeout        the compile ran past its deadline; the worker was killed
         ├── WorkerStartupError   a worker could not be started or warmed up
         ├── RemoteCompileError   the compile raised on the other side (traceback carried)
-        └── PoolClosed           the executor was shut down before the job ran
+        ├── PoolClosed           the executor was shut down before the job ran
+        └── CaptureWriteFailed   mode='capture' could not write a request or response file
 
 Foreign errors (pickle, OSError on pipes, …) are translated into this tree at the
 boundary where they occur; nothing else escapes from the executors.
@@ -108,6 +109,17 @@ class RemoteCompileError(WorkerError):
 
 class PoolClosed(WorkerError):
     reason = "pool_closed"
+
+
+class CaptureWriteFailed(WorkerError):
+    """A capture file could not be written (``path``; the ``OSError`` is ``__cause__``)."""
+
+    reason = "capture_write_failed"
+
+    def __init__(self, path: object, error: OSError) -> None:
+        self.path = path
+        super().__init__(f"could not write the capture file {path}: "
+                         f"{type(error).__name__}: {error.strerror or error}")
 
 
 def describe_exit(returncode: int | None) -> str:
