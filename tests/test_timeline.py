@@ -15,31 +15,71 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import os, torch, fxoffload
     fxoffload.warmup(mode="subprocess", workers=1)  # a cold pool's first compile stays here
-    torch.compile(lambda x: x.sin() * 2, backend=fxoffload.backend(mode="subprocess",
-                  workers=1))(torch.randn(8))
+
+    def f(x):
+        return x.sin() * 2
+
+    def g(x):
+        return x.cos() + 1
+
+    torch.compile(f, backend=fxoffload.backend(mode="subprocess", workers=1))(torch.randn(8))
+    cg = torch.compile(g, backend=fxoffload.backend(mode="async+subprocess", workers=1))
+    cg(torch.randn(8))
+    assert fxoffload.wait(240)
+    cg(torch.randn(8))  # the swap
     print(os.getpid())
     fxoffload.shutdown()
 """)
 
 
-def test_trace_has_parent_and_worker_tracks(tmp_path: Any) -> None:
+def _run_traced(tmp_path: Any) -> tuple[int, list[dict[str, Any]]]:
     trace = tmp_path / "trace.json"
     env = dict(os.environ, FXOFFLOAD_TRACE=str(trace),
                TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=300)
+                         env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    parent = int(out.stdout.split()[-1])
-    events = json.loads(trace.read_text())["traceEvents"]
-    names = {e["args"]["name"]: e["tid"] for e in events if e["ph"] == "M"}
-    workers = [n for n in names if n.startswith("worker ")]
-    assert "parent" in names and len(workers) == 1
-    assert int(workers[0].split()[1]) != parent  # compiled in another process
-    spans = [e for e in events if e["ph"] == "X"]
-    assert {e["name"].split(" graph")[0] for e in spans} >= {
-        "serialize", "wait for subprocess", "compile", "deserialize + replay"}
-    compile_span = next(e for e in spans if e["name"].startswith("compile"))
-    assert compile_span["tid"] == names[workers[0]] and compile_span["dur"] > 0
+    return int(out.stdout.split()[-1]), json.loads(trace.read_text())["traceEvents"]
+
+
+def test_trace_names_graphs_by_compile_id_with_args(tmp_path: Any) -> None:
+    parent, events = _run_traced(tmp_path)
+    tracks = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M"}
+    workers = {tid for tid, name in tracks.items() if name.startswith("worker ")}
+    assert tracks[0] == "parent" and len(workers) == 2  # the sync pool's and async's
+    assert parent not in workers  # compiled in other processes
+
+    # Worker start-up: a span on each worker's own track, its phases as args.
+    starts = [e for e in events if e["name"].startswith("start worker")]
+    assert {e["tid"] for e in starts} == workers
+    for e in starts:
+        assert e["args"]["pid"] == e["tid"] and e["args"]["import_s"] > 0
+        assert {"popen_s", "interpreter_s"} <= set(e["args"])
+
+    graph_events = [e for e in events if e["ph"] in ("X", "i") and e not in starts]
+    by_frame: dict[str, list[dict[str, Any]]] = {}
+    for e in graph_events:  # every event names its graph: Dynamo's compile id
+        assert e["args"].get("compile_id"), e
+        by_frame.setdefault(e["args"].get("frame"), []).append(e)
+    assert set(by_frame) == {"f", "g"}
+    for frame, steps in (("f", {"serialize", "wait for subprocess", "compile",
+                                "deserialize + replay"}),
+                         ("g", {"wait for Dynamo", "trace", "queue", "compile", "decode",
+                                "swap"})):
+        ids = {e["args"]["compile_id"] for e in by_frame[frame]}
+        assert len(ids) == 1, (frame, ids)  # one name across every span of the graph
+        cid = ids.pop()
+        assert {e["name"].split(" graph ")[0] for e in by_frame[frame]} == steps
+        assert all(e["name"].endswith(f"graph {cid}") for e in by_frame[frame])
+        compiled = next(e for e in by_frame[frame] if e["name"].startswith("compile"))
+        assert compiled["tid"] in workers and compiled["dur"] > 0
+        assert compiled["args"]["pid"] == compiled["tid"] and compiled["args"]["nodes"] > 0
+    assert by_frame["f"][0]["args"]["compile_id"] != by_frame["g"][0]["args"]["compile_id"]
+    received = [e for e in by_frame["g"] if e["name"].split(" graph ")[0] in
+                ("queue", "compile", "decode")]
+    assert len({e["args"]["request"] for e in received}) == 1
+    assert all(e["args"]["bytes_sent"] > 0 and e["args"]["bytes_received"] > 0
+               for e in received)
 
 
 # -- FXOFFLOAD_TRACE that cannot be written ------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -64,14 +65,12 @@ def wait(timeout: float | None = None) -> bool:
 def _started(**counts: int) -> None:
     with _idle:
         STATS.add(background_pending=1, **(counts or {"background_compiles": 1}))
-    progress.update()
 
 
 def _finished() -> None:
     with _idle:
         STATS.add(background_pending=-1)
         _idle.notify_all()
-    progress.update()
 
 
 def exiting() -> bool:
@@ -102,6 +101,7 @@ class _Stage:
         self.request = request
         self.submitted = time.perf_counter()
         self.response: protocol.CompileResponse | None = None
+        self.job: progress.Job | None = None  # its line in the progress display
 
 
 class BackgroundOutput(OutputCode):
@@ -129,6 +129,7 @@ class BackgroundOutput(OutputCode):
         # context-local), for work done ahead of the swap on the receiver thread.
         self._context = contextvars.copy_context()
         self._cuda_device = isolation.caller_cuda_device(on_cpu)
+        self._graph: progress.Graph | None = None  # named at the first start()
 
     # -- OutputCode ---------------------------------------------------------------
     def __call__(self, args: list[Any]) -> Any:
@@ -168,11 +169,16 @@ class BackgroundOutput(OutputCode):
         with self._lock:
             self._outstanding += 1
         _started()
+        if self._graph is None:  # on the compiling thread, under Dynamo's compile context
+            self._graph = progress.identify(self._gm, self._graph_kwargs)
+        stage.job = progress.track(self._graph, progress.QUEUED,
+                                   stage=stage.index if self._settings.progressive else None)
         in_worker = self._settings.base_mode == "subprocess"  # a process beside us
         if in_worker:
             cpu_threads.worker_compile_started(self._settings.workers)
         future = get_executor(self._settings).submit(stage.request,
                                                      timeout=self._settings.timeout)
+        progress.attach(stage.job, future)
         if in_worker:
             future.add_done_callback(cpu_threads.worker_compile_ended)
         future.add_done_callback(lambda f: _receiver().put((self, stage, f)))
@@ -200,6 +206,7 @@ class BackgroundOutput(OutputCode):
             log.debug("fxoffload: background compile abandoned: %s", e)
             with self._lock:
                 self._outstanding -= 1
+            progress.drop(stage.job)
             _finished()
             return
         except FxOffloadError as e:
@@ -207,15 +214,19 @@ class BackgroundOutput(OutputCode):
                 log.debug("fxoffload: background compile abandoned at exit: %s", e)
                 with self._lock:
                     self._outstanding -= 1
+                progress.drop(stage.job)
                 _finished()
                 return
-            self._stage_failed(stage, e)
+            with self._about(stage):
+                self._stage_failed(stage, e)
+            progress.move(stage.job, progress.FAILED)
             _finished()
             return
         except BaseException as e:  # a receiver must not die
             log.exception("fxoffload: unexpected failure receiving a compile: %s", e)
             with self._lock:
                 self._outstanding -= 1
+            progress.move(stage.job, progress.FAILED)
             _finished()
             return
         t1 = time.perf_counter()
@@ -231,15 +242,41 @@ class BackgroundOutput(OutputCode):
             if stage.index > self._installed and (
                     self._ready is None or stage.index > self._ready.index):
                 self._ready = stage
+        progress.move(stage.job, progress.DONE)
         if (tl := timeline.get()) is not None:
             pid = getattr(future, "worker_pid", response.pid)
-            name = f"graph {id(self) % 10000:04d} stage {stage.index}"
-            tl.span(f"queue {name}", stage.submitted, started, track=0, track_name="parent")
-            tl.span(f"compile {name}", t0 - response.compile_s, t0, track=pid,
-                    track_name=f"worker {pid}")
-            tl.span(f"decode {name}", t0, t1, track=2, track_name="receiver")
+            name = self._span_name(stage)
+            args = self._event_args(stage, pid=pid, bytes_sent=len(stage.request),
+                                    bytes_received=len(raw),
+                                    request=_request_key(stage.request))
+            tl.span(f"queue {name}", stage.submitted, started, track=0, track_name="parent",
+                    step="queue", **args)
+            if response.pid == os.getpid():  # async+serde: our compile thread ran it
+                track, track_name = 1, "compile (in process)"
+            else:
+                track, track_name = pid, f"worker {pid}"
+            tl.span(f"compile {name}", t0 - response.compile_s, t0, track=track,
+                    track_name=track_name, step="compile", **args)
+            tl.span(f"decode {name}", t0, t1, track=2, track_name="receiver", step="decode",
+                    **args)
             tl.flush()
         _finished()
+
+    # -- naming, for the timeline ---------------------------------------------------------
+    def _span_name(self, stage: _Stage) -> str:
+        label = self._graph.label if self._graph is not None else "?"
+        assert self._settings is not None
+        return f"graph {label}" + (f" stage {stage.index}" if self._settings.progressive
+                                   else "")
+
+    def _event_args(self, stage: _Stage | None, **more: Any) -> dict[str, Any]:
+        if self._graph is None:
+            return more
+        return self._graph.args(stage=stage.index if stage is not None else None, **more)
+
+    def _about(self, stage: _Stage | None) -> Any:
+        """Events made inside (fallback instants of note_failure) name this graph."""
+        return timeline.about(**self._event_args(stage))
 
     def _load(self, response: protocol.CompileResponse) -> None:
         """Load the compiled module ahead of the swap. A failure here is left to the
@@ -290,8 +327,9 @@ class BackgroundOutput(OutputCode):
                 if self._post_compile is not None:
                     graph.post_compile(*self._post_compile)
             except FxOffloadError as e:
-                offload.note_failure(getattr(e, "reason", "install_failed"), e,
-                                     f"stage {stage.index} could not be installed")
+                with self._about(stage):
+                    offload.note_failure(getattr(e, "reason", "install_failed"), e,
+                                         f"stage {stage.index} could not be installed")
                 return
             self._compiled = graph
             self._installed = stage.index
@@ -302,11 +340,12 @@ class BackgroundOutput(OutputCode):
                     self._first_stage = None
             STATS.add(swaps=1)
             if (tl := timeline.get()) is not None:
-                tl.instant(f"swap graph {id(self) % 10000:04d} stage {stage.index}",
-                           time.perf_counter())
+                tl.instant(f"swap {self._span_name(stage)}", time.perf_counter(),
+                           step="swap", **self._event_args(stage))
                 tl.flush()
         elif failure is not None:
-            self._apply_policy(*failure)
+            with self._about(failure[2]):
+                self._apply_policy(*failure)
 
     def _apply_policy(self, reason: str, error: FxOffloadError, stage: _Stage) -> None:
         assert self._settings is not None
@@ -328,6 +367,13 @@ class BackgroundOutput(OutputCode):
         with self._lock:
             self._ready = stage
         self._advance()
+
+
+def _request_key(request: bytes) -> str | None:
+    try:
+        return protocol.split_request(request, check_torch=False)[0].request_id
+    except Exception:  # noqa: BLE001 - a name for the timeline, nothing more
+        return None
 
 
 def compile_in_background(settings: Settings, fake_mode: Any, gm: torch.fx.GraphModule,

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from . import _compat, cpu_threads, isolation, offload, timeline
+from . import _compat, cpu_threads, isolation, offload, progress, timeline
 from .background import _finished, _started, exiting
 from .errors import PoolClosed, TraceFailed
 from .settings import Settings
@@ -115,7 +115,9 @@ class Deferred:
         self._private_config = _compat.config_snapshot()
         self._tracing = torch._guards.TracingContext.try_get()
         self._compile_ctx = torch._guards.CompileContext.try_get()
-        self._name = f"graph {id(self) % 10000:04d} ({len(gm.graph.nodes)} nodes)"
+        # Named now, on the caller's thread, while Dynamo's translator is there to ask.
+        self._graph = progress.identify(gm)
+        self._job = progress.track(self._graph, progress.TRACING)
         _started(background_traces=1)
         # Config patches are context variables on torch 2.13: the thread starts in a
         # copy of the caller's context, so it compiles under the config Dynamo saw.
@@ -188,19 +190,24 @@ class Deferred:
             if self._settings.on_failure == "raise":
                 self._error = error
             else:
-                offload.note_failure(error.reason, error, "running the graph eagerly "
-                                     "from now on")
+                with timeline.about(**self._graph.args()):
+                    offload.note_failure(error.reason, error, "running the graph eagerly "
+                                         "from now on")
         finally:
             _local.job = None
             if self._eager is None:  # the copy failed: run Dynamo's graph itself
                 self._eager = self._gm
             self._done.set()
             self._decided.set()
+            progress.trace_ended(self._job, ok=self._compiled is not None)
             if (tl := timeline.get()) is not None:
-                tl.span(f"wait for Dynamo {self._name}", t0, t1, track=3,
-                        track_name="front (AOTAutograd + Inductor front half)")
-                tl.span(f"trace {self._name}", t1, time.perf_counter(), track=3,
-                        track_name="front (AOTAutograd + Inductor front half)")
+                label, graph = self._graph.label, self._graph.args
+                tl.span(f"wait for Dynamo graph {label}", t0, t1, track=3,
+                        track_name="front (AOTAutograd + Inductor front half)",
+                        **graph(step="wait for Dynamo"))
+                tl.span(f"trace graph {label}", t1, time.perf_counter(), track=3,
+                        track_name="front (AOTAutograd + Inductor front half)",
+                        **graph(step="trace"))
                 tl.flush()
             STATS.add(trace_s=time.perf_counter() - t1)
             _finished()
