@@ -289,3 +289,31 @@ def _install_overlay(cm: Any) -> None:
                            usedforsecurity=False).digest()
 
     cm.ConfigModule.get_hash = get_hash
+
+
+def cache_can_hit() -> bool:
+    """Whether AOTAutograd's cache could answer a compile now: it is on and has a local
+    entry, or a remote cache. False means a deferred graph's first call need not wait for
+    the lookup (an empty cache dir, the usual cold start)."""
+    import os
+
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config
+
+    if not functorch_config.enable_autograd_cache or config.force_disable_caches:
+        return False
+    try:
+        from torch._functorch._aot_autograd import autograd_cache as module
+
+        if module.should_use_remote_autograd_cache():
+            return True
+        directory = module.AOTAutogradCache._get_tmp_dir()
+    except Exception:  # noqa: BLE001 - another torch's layout: assume it could hit
+        return True
+    try:
+        with os.scandir(directory) as entries:
+            return any(True for _ in entries)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True

@@ -12,6 +12,11 @@ trace and an eager run of Dynamo's own graph, as with ``backend="eager"``.
       later calls: what compile_fx returned, whose outputs run eagerly until their
       worker's compile arrives, then compiled
 
+When no cache can answer (AOTAutograd's cache off, or its directory empty and no remote
+cache: a cold start), the first call does not wait for the lookup, and the trace starts
+only once that first eager call has run: beside the trace it would wait on the GIL.
+Inductor's compile path is imported on the front thread too (``integration``).
+
 The thread holds Dynamo's compile lock, as Dynamo's own compiles do, so it never traces
 beside Dynamo: much of the tracing machinery (node metadata, the metrics context) is
 process-global. A frame Dynamo must convert meanwhile waits for it, as it would wait
@@ -115,6 +120,17 @@ class Deferred:
         self._private_config = _compat.config_snapshot()
         self._tracing = torch._guards.TracingContext.try_get()
         self._compile_ctx = torch._guards.CompileContext.try_get()
+        # The trace starts once the first call has run (or after _FIRST_CALL_WAIT): beside
+        # the trace, on the GIL, that call would take twice as long.
+        self._first_ran = threading.Event()
+        if not _compat.cache_can_hit():
+            # No cache can answer this graph (an empty cache dir: a cold start), so the
+            # first call need not wait for the lookup: it runs a copy eagerly at once (the
+            # front thread's compile_fx rewrites the graph it is given).
+            self._eager = torch.fx.GraphModule(gm, _copy_graph(gm.graph))
+            self._decided.set()
+        else:  # a hit's first call runs compiled: the trace starts at once
+            self._first_ran.set()
         # Named now, on the caller's thread, while Dynamo's translator is there to ask.
         self._graph = progress.identify(gm)
         self._job = progress.track(self._graph, progress.TRACING)
@@ -147,8 +163,11 @@ class Deferred:
         STATS.add(eager_runs=1)
         assert self._eager is not None
         threads = cpu_threads.beside_workers() if self._on_cpu else contextlib.nullcontext()
-        with threads:
-            return self._eager(*args)
+        try:
+            with threads:
+                return self._eager(*args)
+        finally:
+            self._first_ran.set()
 
     # -- the front thread -------------------------------------------------------------
     def _run(self, compile: Callable[[Any, Any], Any], example_inputs: list[Any]) -> None:
@@ -157,11 +176,13 @@ class Deferred:
         t0 = t1 = time.perf_counter()
         _local.job = self
         try:
+            self._first_ran.wait(_FIRST_CALL_WAIT)
             with contextlib.ExitStack() as locks:
                 locks.enter_context(compile_lock)
                 t1 = time.perf_counter()
-                # The caller runs a copy: compile_fx rewrites the graph it is given.
-                self._eager = torch.fx.GraphModule(self._gm, _copy_graph(self._gm.graph))
+                if self._eager is None:
+                    # The caller runs a copy: compile_fx rewrites the graph it is given.
+                    self._eager = torch.fx.GraphModule(self._gm, _copy_graph(self._gm.graph))
                 if not isolation.turn.acquire(blocking=False):
                     # async+serde compiles on another of our threads now (isolation:
                     # the FX node metadata). Wait for it without Dynamo's lock, the
@@ -215,6 +236,8 @@ class Deferred:
                 _threads.discard(threading.current_thread())
 
 
+# At most this long the trace waits for the graph's first (eager) call to finish.
+_FIRST_CALL_WAIT = 5.0
 _threads: set[threading.Thread] = set()
 _threads_lock = threading.Lock()
 _EXIT_WAIT = 120.0

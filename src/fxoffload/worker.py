@@ -117,6 +117,15 @@ def _no_trace_log() -> None:
 
 
 def main(argv: list[str]) -> int:
+    from .wire import StreamClosed
+
+    try:
+        return _serve(argv)
+    except StreamClosed:  # the parent closed our pipes (it exited or killed the pool)
+        return 0
+
+
+def _serve(argv: list[str]) -> int:
     request_fd, response_fd = int(argv[1]), int(argv[2])
     parent = int(os.environ.get("FXOFFLOAD_PARENT_PID", os.getppid()))
     if os.getppid() != parent:
