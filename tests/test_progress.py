@@ -19,7 +19,7 @@ import torch
 
 import fxoffload
 from fxoffload import progress
-from fxoffload.progress import COMPILING, DONE, FAILED, QUEUED, TRACING, Board, Graph
+from fxoffload.progress import COMPILING, DONE, FAILED, LOADING, QUEUED, TRACING, Board, Graph
 
 
 class _Future:
@@ -28,9 +28,13 @@ class _Future:
     def __init__(self) -> None:
         self.started: float | None = None
         self.worker_pid: int | None = None
+        self.finished = False
 
     def take(self, pid: int) -> None:
         self.worker_pid, self.started = pid, time.perf_counter()
+
+    def done(self) -> bool:
+        return self.finished
 
 
 def _graph(compile_id: str, name: str = "forward", part: str = "") -> Graph:
@@ -44,19 +48,31 @@ def test_queued_is_not_compiling_and_counts_add_up() -> None:
     for job, future in zip(jobs, futures, strict=True):
         job.future = future
     futures[0].take(4242)  # one worker: it took one job
-    assert board.poll(1.0) == [jobs[0]] and board.poll(1.0) == []
+    assert board.poll(1.0) == 1 and board.poll(1.0) == 0
     assert jobs[0].state == COMPILING and jobs[0].pid == 4242
     assert board.summary() == "0 of 7 done, 1 compiling, 6 queued"
+    futures[0].finished = True  # back from the worker: decoded and loaded here now
+    seen: list[str] = []
+    assert board.poll(1.5, lambda job: seen.append(job.state)) == 1
+    assert seen == [LOADING] and jobs[0].state == LOADING
+    assert board.summary() == "0 of 7 done, 1 loading, 6 queued"
+    futures[1].take(4242)  # taken and back between two looks: both steps, in order
+    futures[1].finished = True
+    seen.clear()
+    assert board.poll(1.6, lambda job: seen.append(f"{job.state}: {board.summary()}")) == 2
+    assert seen == ["compiling: 0 of 7 done, 1 compiling, 1 loading, 5 queued",
+                    "loading: 0 of 7 done, 2 loading, 5 queued"]
+    board.move(jobs[1], DONE, 1.7)
     assert board.move(jobs[0], DONE, 2.0)
     assert not board.move(jobs[0], FAILED, 2.0)  # finished stays finished
-    assert board.move(jobs[1], FAILED, 2.0)
-    assert board.summary() == "1 of 7 done, 1 failed, 5 queued"
-    for job in jobs[2:]:
+    assert board.move(jobs[2], FAILED, 2.0)
+    assert board.summary() == "2 of 7 done, 1 failed, 4 queued"
+    for job in jobs[3:]:
         board.move(job, DONE, 3.0)
     assert board.summary() == "6 of 7 done, 1 failed" and not board.active()
     board.settle()  # idle: the next graphs are counted afresh
     assert board.jobs == [] and board.summary() == "0 of 0 done"
-    assert not board.move(jobs[2], DONE, 4.0) and not board.drop(jobs[2])
+    assert not board.move(jobs[3], DONE, 4.0) and not board.drop(jobs[3])
 
 
 def test_a_deferred_trace_gives_way_to_its_compiles() -> None:
@@ -77,7 +93,7 @@ def test_a_deferred_trace_gives_way_to_its_compiles() -> None:
 
 def test_lines_name_the_graphs() -> None:
     board = Board()
-    tracing = board.add(Graph("1/0", "forward (after line 18)", "model.py:18", 3), TRACING, 0.)
+    tracing = board.add(Graph("1/0", "forward resumed", "model.py:18", 3), TRACING, 0.0)
     queued = board.add(_graph("0/0", part="backward"), QUEUED, 0.0, stage=1)
     compiling = board.add(_graph("0/0"), QUEUED, 0.0)
     compiling.future = _Future()
@@ -85,8 +101,8 @@ def test_lines_name_the_graphs() -> None:
     board.poll(0.0)
     line = board.status_line(now=compiling.since + 3.2, width=500)
     assert line == ("fxoffload: 0 of 3 done | compiling 0/0 forward (model.py:12) 3s"
-                    " | queued 0/0 backward stage 1 forward (model.py:12)"
-                    " | tracing 1/0 forward (after line 18) (model.py:18)")
+                    " | queued 0/0 forward (model.py:12) backward stage 1"
+                    " | tracing 1/0 forward resumed (model.py:18)")
     short = board.status_line(now=0.0, width=40)
     assert len(short) == 40 and short.endswith("…")
     assert board.event_line(compiling) == (
@@ -116,7 +132,8 @@ def test_identify_names_the_frame_as_dynamo_does() -> None:
     assert re.fullmatch(r"\d+/0", first.compile_id or "") and first.compile_id != \
         second.compile_id
     assert (first.name, first.where) == ("frame", f"test_progress.py:{line}")
-    assert second.name == f"frame (after line {line + 2})"  # the resume function
+    # Dynamo's resume function after the graph break starts at the break's line.
+    assert (second.name, second.where) == ("frame resumed", f"test_progress.py:{line + 2}")
     assert first.nodes == 3 and first.part == ""
 
 

@@ -8,7 +8,8 @@ Each graph is named as Dynamo names it: its compile id (``0/0``: frame 0, first 
 frame's file and first line (``identify``), then ``backward`` for AOTAutograd's backward
 graph and ``stage N`` for progressive mode's stages. A graph is *tracing* while a
 deferred trace runs (deferred.py), *queued* once its request waits for the executor,
-*compiling* once a worker took it (the executor sets ``future.started``), then *done* or
+*compiling* once a worker took it (the executor sets ``future.started``), *loading* once
+the compiled graph is back and this process decodes and loads it, then *done* or
 *failed*.
 
 Shown only when ``Settings.show_progress`` (async/progressive with stderr a terminal, or
@@ -38,10 +39,12 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-TRACING, QUEUED, COMPILING, DONE, FAILED = "tracing", "queued", "compiling", "done", "failed"
-ACTIVE = (COMPILING, QUEUED, TRACING)  # shown in this order
+TRACING, QUEUED, COMPILING, LOADING, DONE, FAILED = (
+    "tracing", "queued", "compiling", "loading", "done", "failed")
+ACTIVE = (COMPILING, LOADING, QUEUED, TRACING)  # shown in this order
 _TICK_S = 0.5
 
 
@@ -85,8 +88,10 @@ _STACK_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
 def _frame_name(name: str) -> str:
+    """Dynamo's resume function after a graph break: the frame's name, resumed (its
+    first line is the graph break's)."""
     resumed = _RESUME.match(name)
-    return f"{resumed[1]} (after line {resumed[2]})" if resumed else name
+    return f"{resumed[1]} resumed" if resumed else name
 
 
 def _frame_of_tracer() -> tuple[str, str] | None:
@@ -170,7 +175,12 @@ class Job:
         return f"{self.graph.label}{stage}"
 
     def describe(self) -> str:
-        return f"{self.label} {self.graph.name} ({self.graph.where})"
+        """'0/0 forward (model.py:12)', then 'backward' and 'stage 1' where they apply."""
+        graph = self.graph
+        base = graph.compile_id if graph.compile_id is not None else f"#{graph.serial}"
+        extra = "".join(f" {x}" for x in (graph.part, f"stage {self.stage}"
+                                          if self.stage is not None else "") if x)
+        return f"{base} {graph.name} ({graph.where}){extra}"
 
 
 class Board:
@@ -210,17 +220,27 @@ class Board:
             return self.drop(job)
         return self.move(job, DONE if ok else FAILED, now)
 
-    def poll(self, now: float) -> list[Job]:
-        """Queued jobs a worker has taken meanwhile are compiling now."""
-        moved = []
-        for job in self.jobs:
-            started = getattr(job.future, "started", None)
+    def poll(self, now: float, moved: Callable[[Job], None] = lambda job: None) -> int:
+        """Queued jobs a worker has taken meanwhile are compiling now; compiles whose
+        result came back are loading (decoded and loaded here, ahead of the swap).
+        ``moved(job)`` is called after each step, in order; returns how many."""
+        steps = 0
+        for job in list(self.jobs):
+            future = job.future
+            if future is None:
+                continue
+            started = getattr(future, "started", None)
             if job.state == QUEUED and started is not None:
-                job.pid = getattr(job.future, "worker_pid", None)
+                job.pid = getattr(future, "worker_pid", None)
                 self.move(job, COMPILING, now)
                 job.since = min(now, started)  # both time.perf_counter()
-                moved.append(job)
-        return moved
+                steps += 1
+                moved(job)
+            if job.state in (QUEUED, COMPILING) and future.done():
+                self.move(job, LOADING, now)
+                steps += 1
+                moved(job)
+        return steps
 
     def count(self, state: str) -> int:
         return sum(1 for j in self.jobs if j.state == state)
@@ -330,9 +350,7 @@ class Display:
         with self._lock:
             now = time.perf_counter()
             # A worker may have taken it since the ticker last looked: say so first.
-            moved = self.board.poll(now)
-            if moved:
-                self._changed(moved)
+            self.board.poll(now, self._moved)
             if self.board.move(job, state, now):
                 self._changed([job])
 
@@ -351,6 +369,9 @@ class Display:
                 self._changed([job] if job in self.board.jobs else [])
 
     # -- drawing -----------------------------------------------------------------------
+    def _moved(self, job: Job) -> None:
+        self._changed([job])
+
     def _changed(self, jobs: list[Job]) -> None:
         """Under the lock: show the change, then forget finished work once idle."""
         try:
@@ -376,7 +397,10 @@ class Display:
             stream.flush()
             self._region.draw(self.board, time.perf_counter())
             return
-        lines = [self.board.event_line(j) for j in jobs if j in self.board.jobs]
+        # Off a terminal, loading (short, and always followed by done or failed) gets
+        # no line of its own.
+        lines = [self.board.event_line(j) for j in jobs
+                 if j in self.board.jobs and j.state != LOADING]
         if lines:
             stream.write("".join(line + "\n" for line in lines))
             stream.flush()
@@ -404,9 +428,9 @@ class Display:
         while True:
             time.sleep(_TICK_S)
             with self._lock:
-                moved = self.board.poll(time.perf_counter())
-                if moved or self._region is not None:
-                    self._changed(moved)
+                if not self.board.poll(time.perf_counter(), self._moved) and \
+                        self._region is not None:
+                    self._changed([])  # the elapsed seconds
                 if not self.board.active():
                     self._ticker = None
                     return
