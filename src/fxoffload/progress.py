@@ -1,16 +1,17 @@
 """Which graphs the background modes are working on, shown while they work:
 
     fxoffload: 1 of 4 done | compiling 0/0 forward (model.py:12) 3s | queued 0/0 forward
-    backward (model.py:12) | tracing 1/0 forward (after line 18) (model.py:18)
+    (model.py:12) backward | tracing 1/0 forward resumed (model.py:18)
 
 Each graph is named as Dynamo names it: its compile id (``0/0``: frame 0, first compile;
 ``1/0`` the frame after a graph break; ``0/1`` a recompile), its frame's name and the
-frame's file and first line (``identify``), then ``backward`` for AOTAutograd's backward
-graph and ``stage N`` for progressive mode's stages. A graph is *tracing* while a
-deferred trace runs (deferred.py), *queued* once its request waits for the executor,
-*compiling* once a worker took it (the executor sets ``future.started``), *loading* once
-the compiled graph is back and this process decodes and loads it, then *done* or
-*failed*.
+frame's file and first line (``identify``; Dynamo's resume function after a graph break
+is the frame's name "resumed", at the graph break's line), then ``backward`` for
+AOTAutograd's backward graph and ``stage N`` for progressive mode's stages. A graph
+is *tracing* while a deferred trace runs (deferred.py), *queued* once its request waits
+for the executor, *compiling* once a worker took it (the executor sets
+``future.started``), *loading* once the compiled graph is back and this process decodes
+and loads it, then *done* or *failed*.
 
 Shown only when ``Settings.show_progress`` (async/progressive with stderr a terminal, or
 ``FXOFFLOAD_PROGRESS=1`` / ``progress=True``), never otherwise. It never writes into the
