@@ -80,3 +80,32 @@ def test_exit_while_workers_start_is_quiet(mode: str, tmp_path: Any) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "torch.Size([8])" in out.stdout
     assert "fxoffload" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_starting_workers_stand_still_while_the_parent_compiles() -> None:
+    """paused(): a worker that is starting is stopped (SIGSTOP) while the parent compiles
+    a graph itself, resumed RESUME_GRACE_S after, and then warms up as usual; no worker
+    starts meanwhile."""
+    from fxoffload.executors import pool as pool_module
+
+    pool = get_executor(_fresh(mode="subprocess", startup_timeout=123.0))  # its own pool
+    pool.warmup(wait=False)
+    deadline = time.monotonic() + 60
+    while not pool._workers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (worker,) = pool._workers.values()
+    with pool.paused():
+        assert _state(worker.pid) == "T"  # stopped
+        time.sleep(1.0)
+        assert _state(worker.pid) == "T" and not worker.ready
+    assert _state(worker.pid) == "T"  # the grace after the compile
+    time.sleep(pool_module.RESUME_GRACE_S + 0.5)
+    assert _state(worker.pid) != "T"
+    pool.warmup(wait=True)
+    assert pool.worker_pids() == [worker.pid] and pool.ready_now()

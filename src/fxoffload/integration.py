@@ -107,8 +107,10 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
         # deferred graph's front thread it costs the user's first call nothing (0.4 s).
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
+        from .offload import compile_scope
+
         install()
-        with counting_cache_hits():
+        with counting_cache_hits(), compile_scope():
             return compile_fx(g, e, inner_compile=_with_settings(resolved, compile_fx_inner),
                               **options)
 

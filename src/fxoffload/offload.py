@@ -14,11 +14,13 @@ is built.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -168,13 +170,19 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
     executor = get_executor(settings)
     if not executor.ready_now():
         # No warm worker is free: waiting for one would make this compile slower than
-        # stock's. Compile it here; the pool warms up meanwhile for the graphs to come
-        # (its workers start in the idle CPU class: see worker.main).
-        executor.warmup(wait=False)
+        # stock's. Compile it here; the pool starts when this compile is done, for the
+        # graphs to come (its workers start in the idle CPU class: see worker.main).
         STATS.count_in_process("no_warm_worker")
         if (tl := timeline.get()) is not None:
             tl.instant("compiling here: no warm worker yet", time.perf_counter())
-        return in_process(*args)
+        with contextlib.ExitStack() as stack:
+            # The pool's start-up waits until this compile is done: it would slow it.
+            # Inside a backend call, until that call is done (Inductor's post-compile work
+            # and module load come after this function).
+            scope = _compile_scope.get()
+            (scope or stack).enter_context(executor.paused())
+            executor.warmup(wait=False)
+            return in_process(*args)
     t0 = time.perf_counter()
     try:
         data = build_request(settings, *args, fake_mode)
@@ -201,6 +209,24 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
               transfer_s=max(0.0, (t2 - max(t1, started)) - response.compile_s),
               deserialize_s=(t3 - t2) + (t4 - t3))
     return graph
+
+
+_compile_scope: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar(
+    "fxoffload_compile_scope", default=None)
+
+
+@contextlib.contextmanager
+def compile_scope() -> Iterator[None]:
+    """A backend call: what a cold compile pauses stays paused until the call is done."""
+    if _compile_scope.get() is not None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        token = _compile_scope.set(stack)
+        try:
+            yield
+        finally:
+            _compile_scope.reset(token)
 
 
 def handle_failure(settings: Settings, reason: str, error: FxOffloadError,

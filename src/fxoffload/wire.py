@@ -130,6 +130,11 @@ class Deadline:
     def left(self) -> float | None:
         return None if self.at is None else max(0.0, self.at - time.monotonic())
 
+    def extend(self, seconds: float) -> None:
+        """Move the deadline later (time the peer was stopped does not count)."""
+        if self.at is not None:
+            self.at += seconds
+
 
 class StreamTimeout(Exception):
     """The peer sent nothing in time (translated to WorkerTimeout by the pool)."""
@@ -147,6 +152,8 @@ def read_exact(fd: int, n: int, deadline: Deadline) -> bytes:
         if left is not None:
             ready, _, _ = select.select([fd], [], [], left)
             if not ready:
+                if deadline.left():  # extended meanwhile
+                    continue
                 raise StreamTimeout()
         chunk = os.read(fd, min(remaining, 1 << 20))
         if not chunk:
@@ -163,6 +170,8 @@ def write_all(fd: int, data: bytes, deadline: Deadline) -> None:
         if left is not None:
             _, ready, _ = select.select([], [fd], [], left)
             if not ready:
+                if deadline.left():  # extended meanwhile
+                    continue
                 raise StreamTimeout()
         try:
             written = os.write(fd, view[: 1 << 20])

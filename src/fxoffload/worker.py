@@ -31,6 +31,20 @@ def _watch_parent(parent: int) -> None:
         time.sleep(0.25)
 
 
+def _die_with_spawning_thread() -> None:
+    """SIGKILL when the pool's thread that started us exits (it lives as long as the pool):
+    a worker the pool stopped (SIGSTOP, ``WorkerPool.paused``) cannot poll for its
+    parent's death, and must not outlive it."""
+    import signal
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent watch still covers a live one
+        pass
+
+
 def _idle_class(on: bool) -> bool:
     """Put this process in (or back out of) Linux's SCHED_IDLE class; False where that
     cannot be done. Children started meanwhile (Inductor's compile pool) keep it."""
@@ -131,6 +145,7 @@ def _serve(argv: list[str]) -> int:
     if os.getppid() != parent:
         return 70
     os.dup2(2, 1)  # compilers print; the channel is a separate pipe
+    _die_with_spawning_thread()
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True,
                      name="fxoffload-parent-watch").start()
     nice = int(os.environ.get("FXOFFLOAD_WORKER_NICE", "0"))

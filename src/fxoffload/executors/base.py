@@ -6,6 +6,7 @@ An executor moves bytes; it knows nothing of graphs. Its futures fail only with
 from __future__ import annotations
 
 import abc
+import contextlib
 from concurrent.futures import Future
 
 
@@ -21,6 +22,11 @@ class Executor(abc.ABC):
         """Whether a request submitted now would start compiling at once (a warm worker is
         free). In-process executors always are."""
         return True
+
+    def paused(self) -> contextlib.AbstractContextManager[None]:
+        """A block in which the executor takes no CPU for starting up (the parent
+        compiles a graph itself meanwhile)."""
+        return contextlib.nullcontext()
 
     def warmup(self, *, wait: bool = False) -> None:
         """Start whatever the executor needs ahead of the first request."""

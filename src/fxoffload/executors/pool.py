@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,8 @@ from .base import Executor
 log = logging.getLogger("fxoffload.pool")
 
 MAX_STARTUP_FAILURES = 3
+# After the parent's own compile (paused()), workers wait this long before they start.
+RESUME_GRACE_S = 2.0
 
 
 @dataclass
@@ -93,14 +96,16 @@ class _Worker:
                 os.close(req_r)
                 os.close(resp_w)
         self.pid = self.proc.pid
+        # Until WARM: a start-up that the pool's pause (SIGSTOP) does not count against.
+        self.startup = wire.Deadline(settings.startup_timeout)
+        self.stopped = False  # SIGSTOPped by WorkerPool.paused
         self.ready = False  # READY came: imported, takes requests
         self.warm = False  # WARM came: warmed up, or skipped it for a waiting request
         self.busy = False  # compiling a request now
 
     def wait_ready(self, timeout: float) -> float:
         try:
-            envelope = wire.read_message(self.resp_r, wire.Deadline(timeout),
-                                         expect=wire.Kind.READY)
+            envelope = wire.read_message(self.resp_r, self.startup, expect=wire.Kind.READY)
         except wire.StreamTimeout:
             self.kill()
             raise WorkerStartupError(
@@ -113,6 +118,7 @@ class _Worker:
                 f"({WorkerCrashed(self.pid, code, 'during start-up')}); {e}"
             ) from None
         self.ready = True
+        self.startup = wire.Deadline(timeout)  # for its warm-up
         info = pickle.loads(envelope.payload)
         log.debug("fxoffload: worker pid %d ready in %.2f s", self.pid, info["startup_s"])
         return float(info["startup_s"])
@@ -138,12 +144,12 @@ class _Worker:
                   if info.get("skipped") else "")
         return info
 
-    def run(self, request: bytes, timeout: float, startup_timeout: float) -> bytes:
+    def run(self, request: bytes, timeout: float) -> bytes:
         deadline = wire.Deadline(timeout)
         try:
             wire.write_all(self.req_w, request, deadline)
             if not self.warm:  # sent before its warm-up: it skips it, and says so first
-                self.wait_warm(wire.Deadline(startup_timeout))
+                self.wait_warm(self.startup)
             frame = wire.read_frame(self.resp_r, deadline)
         except wire.StreamTimeout:
             self.kill()
@@ -160,8 +166,16 @@ class _Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def signal_group(self, sig: int) -> None:
+        """Signal the worker and what it started (its own process group)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+        self.stopped = sig == signal.SIGSTOP
+
     def kill(self) -> int | None:
         """Kill (if needed), reap and close; returns the exit status."""
+        if self.stopped:  # a stopped group would never drain
+            self.signal_group(signal.SIGCONT)
         if self.proc.poll() is None:
             # Give a dying process a moment to report its own exit status first.
             try:
@@ -253,6 +267,11 @@ class WorkerPool(Executor):
         self._closed = False
         self._broken: WorkerError | None = None
         self._startup_failures = 0
+        self._holds = 0  # callers inside paused()
+        self._paused = False  # from the first paused() until RESUME_GRACE_S after the last
+        self._held_since = 0.0
+        self._resume_timer: threading.Timer | None = None
+        self._resumed = threading.Condition(self._lock)
 
     # -- public -------------------------------------------------------------------
     def submit(self, request: bytes, *, timeout: float | None = None) -> Future[bytes]:
@@ -293,11 +312,64 @@ class WorkerPool(Executor):
             return not self._closed and self._broken is None and any(
                 w.warm and not w.busy and w.alive() for w in self._workers.values())
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """While the parent compiles a graph itself because no worker was warm: no worker
+        starts, and those starting are stopped (SIGSTOP to their process group), their
+        start-up deadlines moved by the time they stood. On a small machine a starting
+        worker slowed that compile by 10-15% even in the idle CPU class (shared cores and
+        caches). A stopped worker still dies with the thread that started it (worker.main:
+        PR_SET_PDEATHSIG), and shutdown resumes it first."""
+        with self._lock:
+            self._holds += 1
+            if self._resume_timer is not None:  # a compile soon after the last one
+                self._resume_timer.cancel()
+                self._resume_timer = None
+            if not self._paused:
+                self._paused = True
+                self._held_since = time.monotonic()
+                for worker in self._workers.values():
+                    if not worker.warm and worker.alive():
+                        worker.signal_group(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._holds > 0:
+                    self._holds -= 1
+                    if self._holds == 0 and self._paused and not self._closed:
+                        # Not at once: the compiled graph's first run follows, and often a
+                        # backward's compile right after it.
+                        self._resume_timer = threading.Timer(RESUME_GRACE_S, self._resume)
+                        self._resume_timer.daemon = True
+                        self._resume_timer.start()
+
+    def _resume(self) -> None:
+        with self._lock:
+            if self._holds == 0:
+                self._resume_locked()
+
+    def _resume_locked(self) -> None:
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+            self._resume_timer = None
+        if not self._paused:
+            return
+        self._paused = False
+        stood = time.monotonic() - self._held_since
+        for worker in self._workers.values():
+            if worker.stopped:
+                worker.signal_group(signal.SIGCONT)
+                worker.startup.extend(stood)
+        self._resumed.notify_all()
+
     def shutdown(self, *, wait: bool = True) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            self._holds = 0
+            self._resume_locked()
             for _ in self._threads:
                 self._jobs.put(None)
             workers = list(self._workers.values())
@@ -333,12 +405,17 @@ class WorkerPool(Executor):
                 return
 
     def _spawn(self, index: int, replacing: bool) -> _Worker | None:
+        with self._lock:  # not while the parent compiles a graph itself (paused)
+            while self._paused and not self._closed:
+                self._resumed.wait()
         t0 = time.perf_counter()
         try:
             worker = _Worker(self.settings)
             t1 = time.perf_counter()
             with self._lock:
                 self._workers[index] = worker
+                if self._paused:  # paused() began while it was being started
+                    worker.signal_group(signal.SIGSTOP)
             import_s = worker.wait_ready(self.settings.startup_timeout)
         except WorkerStartupError as e:
             self._startup_failed(index, e)
@@ -357,7 +434,7 @@ class WorkerPool(Executor):
     def _warm(self, index: int, worker: _Worker) -> _Worker | None:
         """Wait for a worker's WARM (no job was waiting when it came up)."""
         try:
-            worker.wait_warm(wire.Deadline(self.settings.startup_timeout))
+            worker.wait_warm(worker.startup)
         except WorkerStartupError as e:
             self._startup_failed(index, e)
             return None
@@ -431,8 +508,7 @@ class WorkerPool(Executor):
             job.future.worker_pid = worker.pid  # type: ignore[attr-defined]
             worker.busy = True
             try:
-                job.future.set_result(worker.run(job.request, job.timeout,
-                                                 self.settings.startup_timeout))
+                job.future.set_result(worker.run(job.request, job.timeout))
             except WorkerError as e:
                 self._note_failure(e)
                 job.future.set_exception(e)
