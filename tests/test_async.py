@@ -334,19 +334,6 @@ def test_background_compile_fills_the_cache_for_the_next_process(tmp_path: Any) 
     assert hits >= 1 and misses == 0, second.stdout
 
 
-def test_progress_line(capsys: Any) -> None:
-    torch.manual_seed(0)
-    model, x = MLP(), torch.randn(4, 16)
-    compiled = torch.compile(model, backend=fxoffload.backend(mode="async+serde",
-                                                             progress=True))
-    with torch.no_grad():
-        compiled(x)
-        assert fxoffload.wait(300)
-    err = capsys.readouterr().err
-    assert "graphs compiled in the background, 1 compiling" in err
-    assert err.endswith("\r")  # erased once nothing is in flight
-
-
 def test_compiled_module_is_loaded_before_the_swap() -> None:
     """The receiver loads an arrived compile's module (its C++ or Triton kernels) before
     offering it, so the call that swaps it in does not load anything: measured, that

@@ -201,7 +201,7 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
         return handle_failure(settings, getattr(e, "reason", type(e).__name__), e, args)
     t4 = time.perf_counter()
     if (tl := timeline.get()) is not None:
-        _trace(tl, settings, gm, response, t0, t1, t2, t4)
+        _trace(tl, settings, gm, response, t0, t1, t2, t4, data=data, raw=raw)
     started = getattr(future, "started", t1)  # when a worker took it
     STATS.add(graphs_offloaded=1, bytes_sent=len(data), bytes_received=len(raw),
               serialize_s=t1 - t0, compile_s=response.compile_s,
