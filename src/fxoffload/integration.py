@@ -253,7 +253,9 @@ def start_background(settings: Settings) -> None:
     isolation.install()  # here, on the caller's thread, before anything traces
     if settings.show_progress:
         progress.enable()
-    get_executor(settings).warmup(wait=False)
+    # A compile is about to come: the workers only get their CUDA context and compile
+    # pool ready, not a warm-up compile that the first request would wait behind.
+    get_executor(settings).warmup(wait=False, full=False)
 
 
 _prepared: set[str] = set()

@@ -17,6 +17,7 @@ import select
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 # How long after READY the worker looks for a request before it warms up.
 _REQUEST_GRACE_S = 0.05
@@ -58,11 +59,14 @@ def _idle_class(on: bool) -> bool:
     return True
 
 
-def _warm_up(phases: dict[str, float]) -> None:
+def _warm_up(phases: dict[str, float], *, compile: bool,
+             request_waiting: Callable[[], bool]) -> None:
     """One tiny compile (on CUDA when a GPU is present, on CPU otherwise), so imports,
     the Triton (or C++) toolchain and Inductor's own compile pools are warm before the
-    first real job. Seconds per phase go into ``phases`` (sent with READY, logged by the
-    pool at DEBUG)."""
+    first real job; without ``compile`` (a pool started because a compile is about to
+    come), only the CUDA context and Inductor's compile pool. A request that arrives
+    cuts it short at the next phase. Seconds per phase go into ``phases`` (sent with
+    WARM, logged by the pool at DEBUG)."""
     import torch
     from torch._inductor import config
 
@@ -84,7 +88,13 @@ def _warm_up(phases: dict[str, float]) -> None:
     logging.disable(logging.CRITICAL)
     try:
         with config.patch(fx_graph_cache=False):
-            if warm_cpu:
+            if not compile:
+                warm_cpu = False
+                with contextlib.suppress(Exception):
+                    from torch._inductor.async_compile import AsyncCompile
+
+                    AsyncCompile.warm_pool()  # starts in the background
+            if warm_cpu and not request_waiting():
                 t = time.perf_counter()
                 torch.compile(f, backend="inductor", fullgraph=True)(torch.randn(8, 8))
                 torch._dynamo.reset()
@@ -96,11 +106,12 @@ def _warm_up(phases: dict[str, float]) -> None:
                 x = torch.randn(8, 8, device="cuda")
                 torch.cuda.synchronize()
                 phases["cuda_init_s"] = time.perf_counter() - t
-                t = time.perf_counter()
-                torch.compile(f, backend="inductor", fullgraph=True)(x)
-                torch.cuda.synchronize()
-                torch._dynamo.reset()
-                phases["warm_cuda_s"] = time.perf_counter() - t
+                if compile and not request_waiting():
+                    t = time.perf_counter()
+                    torch.compile(f, backend="inductor", fullgraph=True)(x)
+                    torch.cuda.synchronize()
+                    torch._dynamo.reset()
+                    phases["warm_cuda_s"] = time.perf_counter() - t
         if os.environ.get("FXOFFLOAD_WARM_WAIT_POOL", "0") == "1":
             # Wait until Inductor's compile-process pool answers, so the first real
             # compile does not compile its kernels in this process while it starts.
@@ -165,9 +176,14 @@ def _serve(argv: list[str]) -> int:
     wire.write_all(response_fd, wire.encode(wire.Kind.READY, ready), wire.Deadline(None))
     # A request the parent had waiting when we came up is sent at once: it would wait for
     # the whole warm-up, whose costs (toolchain, pools) its own compile pays anyway.
-    waiting = bool(select.select([request_fd], [], [], _REQUEST_GRACE_S)[0])
-    if os.environ.get("FXOFFLOAD_WORKER_WARMUP", "1") == "1" and not waiting:
-        _warm_up(phases)
+    def request_waiting(wait: float = 0.0) -> bool:
+        return bool(select.select([request_fd], [], [], wait)[0])
+
+    waiting = request_waiting(_REQUEST_GRACE_S)
+    warmup = os.environ.get("FXOFFLOAD_WORKER_WARMUP", "1")
+    if warmup in ("1", "init") and not waiting:
+        _warm_up(phases, compile=warmup == "1", request_waiting=request_waiting)
+        waiting = request_waiting()
     if idle_start:
         _idle_class(False)
     warm = pickle.dumps({"startup_s": time.perf_counter() - start, "phases": phases,

@@ -28,8 +28,9 @@ class Executor(abc.ABC):
         compiles a graph itself meanwhile)."""
         return contextlib.nullcontext()
 
-    def warmup(self, *, wait: bool = False) -> None:
-        """Start whatever the executor needs ahead of the first request."""
+    def warmup(self, *, wait: bool = False, full: bool = True) -> None:
+        """Start whatever the executor needs ahead of the first request; ``full=False``:
+        only what a request about to come cannot do without (no warm-up compile)."""
 
     def shutdown(self, *, wait: bool = True) -> None:
         """Release workers; pending futures fail with ``PoolClosed``."""

@@ -66,7 +66,7 @@ _PROBE = _Job(b"", Future(), 0.0)
 class _Worker:
     """One live worker process and the parent's ends of its two pipes."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, warm_compile: bool = True) -> None:
         req_r, self.req_w = os.pipe()
         self.resp_r, resp_w = os.pipe()
         env = dict(os.environ)
@@ -77,7 +77,12 @@ class _Worker:
         env["FXOFFLOAD_WORKER_NICE"] = str(settings.worker_nice)
         if not settings.background:  # see worker.main
             env["FXOFFLOAD_WORKER_IDLE_START"] = "1"
-        threads = settings.compile_threads or max(1, (os.cpu_count() or 1) // settings.workers)
+        # Inductor's compile pool in each worker: a cold start compiles one or two graphs
+        # at once, so the cores are shared among two workers, not all of them.
+        threads = settings.compile_threads or max(
+            1, (os.cpu_count() or 1) // min(2, settings.workers))
+        if not warm_compile:
+            env["FXOFFLOAD_WORKER_WARMUP"] = "init"  # see worker._warm_up
         env["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
         try:
             self.proc = subprocess.Popen(
@@ -267,6 +272,9 @@ class WorkerPool(Executor):
         self._closed = False
         self._broken: WorkerError | None = None
         self._startup_failures = 0
+        # Workers warm up with a tiny compile, unless the pool was started only because a
+        # compile is about to come (a background backend was made; warmup(full=False)).
+        self._warm_compile = False
         self._holds = 0  # callers inside paused()
         self._paused = False  # from the first paused() until RESUME_GRACE_S after the last
         self._held_since = 0.0
@@ -287,8 +295,9 @@ class WorkerPool(Executor):
             self._jobs.put(_Job(request, future, timeout or self.settings.timeout))
         return future
 
-    def warmup(self, *, wait: bool = False) -> None:
+    def warmup(self, *, wait: bool = False, full: bool = True) -> None:
         with self._lock:
+            self._warm_compile |= full
             if self._closed:
                 raise PoolClosed("the fxoffload worker pool was shut down")
             self._start_locked()
@@ -410,7 +419,7 @@ class WorkerPool(Executor):
                 self._resumed.wait()
         t0 = time.perf_counter()
         try:
-            worker = _Worker(self.settings)
+            worker = _Worker(self.settings, warm_compile=self._warm_compile)
             t1 = time.perf_counter()
             with self._lock:
                 self._workers[index] = worker
