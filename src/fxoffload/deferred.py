@@ -15,7 +15,6 @@ trace and an eager run of Dynamo's own graph, as with ``backend="eager"``.
 When no cache can answer (AOTAutograd's cache off, or its directory empty and no remote
 cache: a cold start), the first call does not wait for the lookup, and the trace starts
 only once that first eager call has run: beside the trace it would wait on the GIL.
-Inductor's compile path is imported on the front thread too (``integration``).
 
 The thread holds Dynamo's compile lock, as Dynamo's own compiles do, so it never traces
 beside Dynamo: much of the tracing machinery (node metadata, the metrics context) is
