@@ -87,6 +87,15 @@ def _state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
+def _soon(predicate: Any, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
 def test_starting_workers_stand_still_while_the_parent_compiles() -> None:
     """paused(): a worker that is starting is stopped (SIGSTOP) while the parent compiles
@@ -101,11 +110,11 @@ def test_starting_workers_stand_still_while_the_parent_compiles() -> None:
         time.sleep(0.01)
     (worker,) = pool._workers.values()
     with pool.paused():
-        assert _state(worker.pid) == "T"  # stopped
+        assert _soon(lambda: _state(worker.pid) == "T")  # stopped (signals are async)
         time.sleep(1.0)
         assert _state(worker.pid) == "T" and not worker.ready
     assert _state(worker.pid) == "T"  # the grace after the compile
-    time.sleep(pool_module.RESUME_GRACE_S + 0.5)
-    assert _state(worker.pid) != "T"
+    time.sleep(pool_module.RESUME_GRACE_S)
+    assert _soon(lambda: _state(worker.pid) != "T")
     pool.warmup(wait=True)
     assert pool.worker_pids() == [worker.pid] and pool.ready_now()

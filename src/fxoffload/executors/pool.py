@@ -4,13 +4,18 @@
         ▲                              │                      │
         └──────── Future[bytes] ◄──────┴────── pipe ◄─────────┘
 
-Each slot owns one worker process and one thread in the parent. The thread starts its
-worker (on first use), waits for READY, then takes jobs from the shared queue, one at a
-time. A worker that dies, hangs past the deadline, or answers with bytes that are not an
-envelope fails *that* job's future with a typed ``WorkerError`` (naming the exit code or
-signal), is killed and reaped, and is replaced before the slot takes its next job.
-If workers keep failing to start, the pool is broken: that error fails every pending and
-later future, so callers fall back instead of waiting.
+Each slot owns one worker process (``process.WorkerProcess``) and one thread in the
+parent. The thread starts its worker (on first use), waits for READY, hands it a job that
+is already waiting (the worker then skips its warm-up) or waits for WARM, then takes jobs
+from the shared queue, one at a time. A worker that dies, hangs past the deadline, or
+answers with bytes that are not an envelope fails *that* job's future with a typed
+``WorkerError`` (naming the exit code or signal), is killed and reaped, and is replaced
+before the slot takes its next job. If workers keep failing to start, the pool is broken:
+that error fails every pending and later future, so callers fall back instead of waiting.
+
+``ready_now()`` says whether a warm worker is free: a synchronous compile that finds none
+is compiled by the parent itself, inside ``paused()``, in which no worker starts and the
+starting ones stand still (SIGSTOP), so the pool never makes that compile slower.
 """
 
 from __future__ import annotations
@@ -18,31 +23,25 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import os
-import pickle
 import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
 
-from .. import timeline, wire
+from .. import timeline
 from ..errors import (
     PoolClosed,
-    ProtocolError,
     WorkerCrashed,
     WorkerError,
     WorkerStartupError,
-    WorkerTimeout,
 )
 from ..settings import Settings
 from ..tally import STATS, Stats
 from .base import Executor
+from .process import WorkerProcess
 
 log = logging.getLogger("fxoffload.pool")
 
@@ -63,202 +62,6 @@ class _Job:
 _PROBE = _Job(b"", Future(), 0.0)
 
 
-class _Worker:
-    """One live worker process and the parent's ends of its two pipes."""
-
-    def __init__(self, settings: Settings, *, warm_compile: bool = True) -> None:
-        req_r, self.req_w = os.pipe()
-        self.resp_r, resp_w = os.pipe()
-        env = dict(os.environ)
-        env.pop("TORCHINDUCTOR_FX_COMPILE_MODE", None)  # no pool inside the pool
-        # No structured trace of its own: the parent's log gets its compiles (worker.py).
-        env.pop("TORCH_TRACE", None)
-        env["FXOFFLOAD_PARENT_PID"] = str(os.getpid())
-        env["FXOFFLOAD_WORKER_NICE"] = str(settings.worker_nice)
-        if not settings.background:  # see worker.main
-            env["FXOFFLOAD_WORKER_IDLE_START"] = "1"
-        # Inductor's compile pool in each worker: a cold start compiles one or two graphs
-        # at once, so the cores are shared among two workers, not all of them.
-        threads = settings.compile_threads or max(
-            1, (os.cpu_count() or 1) // min(2, settings.workers))
-        if not warm_compile:
-            env["FXOFFLOAD_WORKER_WARMUP"] = "init"  # see worker._warm_up
-        env["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fxoffload.worker", str(req_r), str(resp_w)],
-                pass_fds=(req_r, resp_w), stdin=subprocess.DEVNULL, env=env,
-                # Its own process group: the compilers and compile pools it starts can be
-                # killed with it, and the terminal's Ctrl-C goes to the parent alone.
-                start_new_session=True,
-            )
-        except OSError as e:
-            for fd in (req_r, self.req_w, self.resp_r, resp_w):
-                os.close(fd)
-            raise WorkerStartupError(f"could not start a worker: {e}") from e
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(req_r)
-                os.close(resp_w)
-        self.pid = self.proc.pid
-        # Until WARM: a start-up that the pool's pause (SIGSTOP) does not count against.
-        self.startup = wire.Deadline(settings.startup_timeout)
-        self.stopped = False  # SIGSTOPped by WorkerPool.paused
-        self.ready = False  # READY came: imported, takes requests
-        self.warm = False  # WARM came: warmed up, or skipped it for a waiting request
-        self.busy = False  # compiling a request now
-
-    def wait_ready(self, timeout: float) -> float:
-        try:
-            envelope = wire.read_message(self.resp_r, self.startup, expect=wire.Kind.READY)
-        except wire.StreamTimeout:
-            self.kill()
-            raise WorkerStartupError(
-                f"worker pid {self.pid} did not become ready within {timeout:g} s"
-            ) from None
-        except (wire.StreamClosed, ProtocolError) as e:
-            code = self.kill()
-            raise WorkerStartupError(
-                f"worker pid {self.pid} failed during start-up "
-                f"({WorkerCrashed(self.pid, code, 'during start-up')}); {e}"
-            ) from None
-        self.ready = True
-        self.startup = wire.Deadline(timeout)  # for its warm-up
-        info = pickle.loads(envelope.payload)
-        log.debug("fxoffload: worker pid %d ready in %.2f s", self.pid, info["startup_s"])
-        return float(info["startup_s"])
-
-    def wait_warm(self, deadline: wire.Deadline) -> dict[str, Any]:
-        """Read the WARM message that follows READY (once); its payload: start-up seconds,
-        phases, and whether the warm-up was skipped for a request already waiting."""
-        try:
-            envelope = wire.read_message(self.resp_r, deadline, expect=wire.Kind.WARM)
-        except wire.StreamTimeout:
-            self.kill()
-            raise WorkerStartupError(
-                f"worker pid {self.pid} did not finish warming up in time") from None
-        except (wire.StreamClosed, ProtocolError) as e:
-            code = self.kill()
-            raise WorkerStartupError(
-                f"worker pid {self.pid} failed while warming up "
-                f"({WorkerCrashed(self.pid, code, 'while warming up')}); {e}") from None
-        self.warm = True
-        info: dict[str, Any] = pickle.loads(envelope.payload)
-        log.debug("fxoffload: worker pid %d warm in %.2f s %s%s", self.pid, info["startup_s"],
-                  info.get("phases", {}), " (warm-up skipped for a waiting request)"
-                  if info.get("skipped") else "")
-        return info
-
-    def run(self, request: bytes, timeout: float) -> bytes:
-        deadline = wire.Deadline(timeout)
-        try:
-            wire.write_all(self.req_w, request, deadline)
-            if not self.warm:  # sent before its warm-up: it skips it, and says so first
-                self.wait_warm(self.startup)
-            frame = wire.read_frame(self.resp_r, deadline)
-        except wire.StreamTimeout:
-            self.kill()
-            raise WorkerTimeout(self.pid, timeout, "its compile") from None
-        except wire.StreamClosed:
-            code = self.kill()
-            raise WorkerCrashed(self.pid, code, "while compiling") from None
-        except ProtocolError as e:
-            self.kill()
-            raise _CorruptResponse(f"worker pid {self.pid} sent a corrupted response: {e}"
-                                   ) from None
-        return frame
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def signal_group(self, sig: int) -> None:
-        """Signal the worker and what it started (its own process group)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
-        self.stopped = sig == signal.SIGSTOP
-
-    def kill(self) -> int | None:
-        """Kill (if needed), reap and close; returns the exit status."""
-        if self.stopped:  # a stopped group would never drain
-            self.signal_group(signal.SIGCONT)
-        if self.proc.poll() is None:
-            # Give a dying process a moment to report its own exit status first.
-            try:
-                self.proc.wait(0.2)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.send_signal(signal.SIGKILL)
-        code = self.proc.wait()
-        _drain_group(self.pid)
-        for fd in (self.req_w, self.resp_r):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.req_w = self.resp_r = -1
-        return code
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.req_w >= 0 and self.alive():
-            with contextlib.suppress(Exception):
-                wire.write_all(self.req_w, wire.encode(wire.Kind.SHUTDOWN, b""),
-                               wire.Deadline(1.0))
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
-
-
-# How long what a dead worker started may take to finish before it is killed.
-GROUP_DRAIN_S = 30.0
-
-
-def _drain_group(pgid: int) -> None:
-    """Let what a dead worker started (its process group: g++, ld, Inductor's compile
-    pool) finish, SIGKILL whatever is still there after ``GROUP_DRAIN_S``, and return only
-    once all of it is gone, so that nothing of the worker writes into the cache while the
-    parent compiles the same graph. Killing the group at once is worse: a linker killed
-    while it writes leaves a truncated ``.so`` at its final path in the shared Inductor
-    cache, and Inductor, which only checks that the file exists, loads it: the in-process
-    fallback, and every later compile of that kernel with that cache, fails ("file too
-    short"). SIGTERM does not help (ld leaves the file too). In-flight compiles finish in
-    seconds; Inductor's compile pool exits with the worker."""
-    deadline = time.monotonic() + GROUP_DRAIN_S
-    while _group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while _group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of the group is alive. Zombies count for ``killpg`` (an orphan
-    waits for whoever adopted it to reap it), so on Linux look for a live member."""
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return True
-    for entry in entries:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    state, _, group = f.read().rsplit(")", 1)[1].split()[:3]
-            except (OSError, IndexError, ValueError):
-                continue
-            if group == str(pgid) and state not in ("Z", "X"):
-                return True
-    return False
-
-
-class _CorruptResponse(WorkerError):
-    reason = "corrupted_response"
-
-
 class WorkerPool(Executor):
     name = "subprocess"
 
@@ -268,7 +71,7 @@ class WorkerPool(Executor):
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._workers: dict[int, _Worker] = {}
+        self._workers: dict[int, WorkerProcess] = {}
         self._closed = False
         self._broken: WorkerError | None = None
         self._startup_failures = 0
@@ -413,13 +216,13 @@ class WorkerPool(Executor):
                 self._jobs.put(None)  # keep the stop signal for the slot threads
                 return
 
-    def _spawn(self, index: int, replacing: bool) -> _Worker | None:
+    def _spawn(self, index: int, replacing: bool) -> WorkerProcess | None:
         with self._lock:  # not while the parent compiles a graph itself (paused)
             while self._paused and not self._closed:
                 self._resumed.wait()
         t0 = time.perf_counter()
         try:
-            worker = _Worker(self.settings, warm_compile=self._warm_compile)
+            worker = WorkerProcess(self.settings, warm_compile=self._warm_compile)
             t1 = time.perf_counter()
             with self._lock:
                 self._workers[index] = worker
@@ -440,7 +243,7 @@ class WorkerPool(Executor):
             tl.flush()
         return worker
 
-    def _warm(self, index: int, worker: _Worker) -> _Worker | None:
+    def _warm(self, index: int, worker: WorkerProcess) -> WorkerProcess | None:
         """Wait for a worker's WARM (no job was waiting when it came up)."""
         try:
             worker.wait_warm(worker.startup)
@@ -471,7 +274,8 @@ class WorkerPool(Executor):
             log.error("%s", broken)
             self._fail_pending(broken)
 
-    def _take(self, index: int, worker: _Worker | None) -> tuple[_Job | None, _Worker | None]:
+    def _take(self, index: int, worker: WorkerProcess | None
+              ) -> tuple[_Job | None, WorkerProcess | None]:
         """The next job. A worker that is not warm yet gets a job already waiting at once
         (it then skips its warm-up); with none waiting, it is let warm up first."""
         if worker is not None and not worker.warm:
@@ -482,7 +286,7 @@ class WorkerPool(Executor):
         return self._jobs.get(), worker
 
     def _slot(self, index: int) -> None:
-        worker: _Worker | None = self._spawn(index, replacing=False)
+        worker: WorkerProcess | None = self._spawn(index, replacing=False)
         replacing = False
         while not self._closed:
             job, worker = self._take(index, worker)
