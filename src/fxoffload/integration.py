@@ -136,7 +136,19 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
     install()
     if resolved.background:
         start_background(resolved)
+    else:
+        # A synchronous backend may compile in this process (no warm worker yet): start
+        # Inductor's Triton compile pool now, as torch.compile(backend="inductor") does.
+        _warm_compile_pool()
     return fxoffload_backend
+
+
+def _warm_compile_pool() -> None:
+    from torch._inductor import async_compile
+
+    warm = getattr(async_compile, "maybe_warm_pool", None)
+    if warm is not None:
+        warm()
 
 
 @contextlib.contextmanager
