@@ -12,7 +12,9 @@
         ├── WorkerStartupError   a worker could not be started or warmed up
         ├── RemoteCompileError   the compile raised on the other side (traceback carried)
         ├── PoolClosed           the executor was shut down before the job ran
-        └── CaptureWriteFailed   mode='capture' could not write a request or response file
+        ├── CaptureWriteFailed   mode='capture' could not write a request or response file
+        ├── FarmUnavailable      the compile farm cannot be reached (or has no registry)
+        └── FarmCompileFailed    the farm could not compile it (worker lost twice, timeout)
 
 Foreign errors (pickle, OSError on pipes, …) are translated into this tree at the
 boundary where they occur; nothing else escapes from the executors.
@@ -120,6 +122,21 @@ class CaptureWriteFailed(WorkerError):
         self.path = path
         super().__init__(f"could not write the capture file {path}: "
                          f"{type(error).__name__}: {error.strerror or error}")
+
+
+class FarmUnavailable(WorkerError):
+    """The farm's Ray cluster or its registry cannot be reached."""
+
+    reason = "farm_unavailable"
+
+
+class FarmCompileFailed(WorkerError):
+    """The farm took the request but could not compile it; ``reason`` says why
+    (``worker_crashed``, ``worker_timeout``, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = f"farm_{reason}"
+        super().__init__(f"the farm could not compile the graph ({reason}): {message}")
 
 
 def describe_exit(returncode: int | None) -> str:
