@@ -21,6 +21,7 @@ from .errors import (
     PoolClosed,
     ProtocolError,
     RemoteCompileError,
+    Unauthenticated,
     VersionMismatch,
     WorkerCrashed,
     WorkerError,
@@ -36,9 +37,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CaptureWriteFailed", "ConfigError", "FxOffloadError", "NotOffloadable", "PoolClosed",
-    "ProtocolError", "RemoteCompileError", "Settings", "VersionMismatch", "WorkerCrashed",
-    "WorkerError", "WorkerStartupError", "WorkerTimeout", "backend", "enabled", "reset_stats",
-    "shutdown", "stats", "wait", "warmup",
+    "ProtocolError", "RemoteCompileError", "Settings", "Unauthenticated", "VersionMismatch",
+    "WorkerCrashed", "WorkerError", "WorkerStartupError", "WorkerTimeout", "backend",
+    "enabled", "reset_stats", "shutdown", "stats", "wait", "warmup",
 ]
 
 

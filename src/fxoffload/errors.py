@@ -4,6 +4,7 @@
     ├── ConfigError              a setting (keyword or FXOFFLOAD_* variable) is invalid
     ├── ProtocolError            bytes that are not a well-formed fxoffload envelope
     │   └── VersionMismatch      the envelope came from another protocol or torch version
+    ├── Unauthenticated          a peer did not prove it holds the farm's key (signing.py)
     ├── NotOffloadable           this graph cannot cross the boundary (carries a reason)
     ├── TraceFailed              a deferred trace (AOTAutograd, Inductor's front half) raised
     └── WorkerError              the other side failed us
@@ -43,6 +44,13 @@ class ProtocolError(FxOffloadError):
 
 class VersionMismatch(ProtocolError):
     """The envelope was written by another protocol or torch version."""
+
+
+class Unauthenticated(FxOffloadError):
+    """Bytes from a peer that did not prove it holds the farm's key (unsigned, tampered,
+    signed with another key or for another purpose); nothing of them was unpickled."""
+
+    reason = "unauthenticated"
 
 
 class NotOffloadable(FxOffloadError):
