@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up the project's environment in .venv, idempotently: a virtual environment on
-# Python >= 3.11, torch pinned, then fxoffload (editable) with its test extra. A second run
+# Python >= 3.11, torch pinned, then fxoffload (editable) with its test and farm (Ray) extras. A second run
 # with nothing changed only checks and returns. Override the interpreter with
 # PYTHON=/path/to/python3.11 (used only when .venv is created).
 set -euo pipefail
@@ -35,7 +35,7 @@ installed_ok() {  # the pinned torch, the test extra, and fxoffload from this sr
     "$VENV/bin/python" - "$TORCH_VERSION" "$PWD/src" <<'PY' 2>/dev/null
 import importlib.metadata as md, importlib.util as iu, os, sys
 ok = md.version("torch").split("+")[0] == sys.argv[1]
-ok &= all(iu.find_spec(m) for m in ("pytest", "pytest_timeout", "transformers"))
+ok &= all(iu.find_spec(m) for m in ("pytest", "pytest_timeout", "transformers", "ray"))
 spec = iu.find_spec("fxoffload")
 ok &= bool(spec and spec.origin) and (os.path.realpath(os.path.dirname(os.path.dirname(
     spec.origin))) == os.path.realpath(sys.argv[2]))
@@ -53,9 +53,9 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 # torch first, pinned explicitly; a satisfied pin installs nothing.
 "${PIP[@]}" install -q "torch==$TORCH_VERSION"
 # The pin again, so that no dependency can move torch off it (that would fail loudly here).
-"${PIP[@]}" install -q -e ".[test]" "torch==$TORCH_VERSION"
+"${PIP[@]}" install -q -e ".[test,farm]" "torch==$TORCH_VERSION"
 installed_ok || fail "after installing, torch $TORCH_VERSION / fxoffload from $PWD/src / the \
 test extra still do not import from $VENV"
 echo "$want" > "$STAMP"
 echo "setup: $VENV ready: $("$VENV/bin/python" -V 2>&1), torch $TORCH_VERSION, fxoffload \
-editable from src/ with its test extra"
+editable from src/ with its test and farm extras"

@@ -33,7 +33,13 @@ def settings_for(mode: str, tmp_path: object = None, **extra: object) -> dict[st
         get_executor(fxoffload.Settings.resolve(**kw)).warmup(wait=True)
     if mode == "capture":
         kw["capture_dir"] = tmp_path
+    if mode.endswith("farm"):
+        assert CURRENT_FARM is not None, "a farm test must request the `farm` fixture"
+        kw.update(CURRENT_FARM.settings(mode=mode))
     return kw
+
+
+CURRENT_FARM = None  # set by tests that run a mode over the session's farm
 
 
 @pytest.fixture(autouse=True)
@@ -74,3 +80,14 @@ def assert_same_code(ours: list[str], stock: list[str]) -> None:
                                         lineterm="", n=1)
             raise AssertionError(f"graph {i}: code differs from stock:\n"
                                  + "\n".join(list(diff)[:80]))
+
+
+@pytest.fixture(scope="session")
+def farm(tmp_path_factory: pytest.TempPathFactory):
+    """One real farm (Ray head + 2 warm workers) for the session, started on first use."""
+    import farm_support
+
+    farm_support.require_farm_environment()
+    started = farm_support.start(tmp_path_factory.mktemp("farm"))
+    yield started
+    farm_support.stop(started)

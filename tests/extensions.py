@@ -83,6 +83,29 @@ class SlowInWorker(CustomGraphPass):
         return f"fxoffload-test-slow-{self.sentinel}".encode()
 
 
+class SlowOnceInWorker(CustomGraphPass):
+    """In a worker (pool or farm), the first time only (``sentinel`` does not exist yet):
+    writes its pid to ``sentinel`` and sleeps, so a test can kill or stop that worker
+    mid-compile; a re-dispatched attempt then compiles at once."""
+
+    def __init__(self, sentinel: str, seconds: float = 60.0) -> None:
+        self.sentinel = sentinel
+        self.seconds = seconds
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        in_worker = ("FXOFFLOAD_PARENT_PID" in os.environ
+                     or "FXOFFLOAD_FARM_WORKER" in os.environ)
+        if in_worker and not os.path.exists(self.sentinel):
+            with open(self.sentinel, "w") as f:
+                f.write(str(os.getpid()))
+            import time
+
+            time.sleep(self.seconds)
+
+    def uuid(self) -> bytes:
+        return f"fxoffload-test-slow-once-{self.sentinel}".encode()
+
+
 class Noisy(CustomGraphPass):
     """Prints to stdout and writes straight to file descriptors 1 and 2, as compilers do,
     from wherever the compile runs."""

@@ -1,5 +1,6 @@
-"""The contract every mode honours: outputs equal stock torch.compile's, the generated
-code is stock's, and nothing falls back. One parametrized suite over every mode."""
+"""The contract every executor honours: outputs equal stock torch.compile's, the generated
+code is stock's, and nothing falls back. One parametrized suite over every executor (the
+farm's runs against the session's real farm, from a cold store each time)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import conftest
 import pytest
 import torch
 from conftest import MODES, assert_same_code, settings_for
@@ -14,6 +16,17 @@ from models import MLP, Block, ConvNet, GraphBreak, aliased_outputs, mutate_inpu
 from torch._inductor.utils import run_and_get_code
 
 import fxoffload
+
+MODES = (*MODES, "farm")
+
+
+@pytest.fixture(autouse=True)
+def _farm_when_asked(request: pytest.FixtureRequest) -> None:
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("mode") == "farm":
+        farm = request.getfixturevalue("farm")
+        farm.reset()
+        conftest.CURRENT_FARM = farm
 
 
 def _stock_and_ours(make: Callable[[], Any], run: Callable[[Any], Any], mode: str,

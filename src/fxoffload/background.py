@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -251,7 +250,7 @@ class BackgroundOutput(OutputCode):
                                     request=_request_key(stage.request))
             tl.span(f"queue {name}", stage.submitted, started, track=0, track_name="parent",
                     step="queue", **args)
-            if response.pid == os.getpid():  # async+serde: our compile thread ran it
+            if protocol.ran_here(response):  # async+serde: our compile thread ran it
                 track, track_name = 1, "compile (in process)"
             else:
                 track, track_name = pid, f"worker {pid}"

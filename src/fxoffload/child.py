@@ -92,6 +92,20 @@ def compile_request(data: bytes, *, in_parent: bool = False,
     """Compile one request here. ``in_parent`` skips the process preparation that only
     a separate process needs. ``cache_dirs`` (Inductor's, Triton's) replace the ones the
     request names (``fxoffload replay`` compiles into a dir of its own)."""
+    return compile_request_status(data, in_parent=in_parent, cache_dirs=cache_dirs)[0]
+
+
+def compile_request_status(data: bytes, *, in_parent: bool = False,
+                           cache_dirs: tuple[str, str] | None = None) -> tuple[bytes, bool]:
+    """``compile_request``, and whether the response holds a graph (the farm stores only
+    those)."""
+    response = _respond(data, in_parent=in_parent, cache_dirs=cache_dirs)
+    ok = response.error is None
+    return protocol.encode_response(response), ok
+
+
+def _respond(data: bytes, *, in_parent: bool,
+             cache_dirs: tuple[str, str] | None) -> CompileResponse:
     preamble, body = protocol.split_request(data)
     if cache_dirs is not None:
         preamble = dataclasses.replace(preamble, cache_dir=cache_dirs[0],
@@ -100,20 +114,20 @@ def compile_request(data: bytes, *, in_parent: bool = False,
         try:
             prepare_process(preamble)
         except Exception as e:  # noqa: BLE001 - reported to the parent, not raised here
-            return protocol.encode_response(_error(
-                "worker_import_failed", f"{type(e).__name__}: {e}", traceback.format_exc()))
+            return _error("worker_import_failed", f"{type(e).__name__}: {e}",
+                          traceback.format_exc())
     missing = missing_custom_ops(preamble)
     if missing:
-        return protocol.encode_response(_error(
+        return _error(
             "custom_op_unavailable",
             f"custom op(s) {', '.join(missing)} are not registered in the worker; name the "
             "module that registers them in worker_imports / FXOFFLOAD_WORKER_IMPORTS",
-        ))
+        )
     response = _compile(body)
     if in_parent and response.graph is not None:
         # The parent's load of this very response can take the kernels just loaded.
         kernel_reuse.remember(response.graph)
-    return protocol.encode_response(response)
+    return response
 
 
 def _compile(body: bytes) -> CompileResponse:

@@ -5,6 +5,8 @@
                                                   recompile a captured request here
     fxoffload inspect FILE.fxo                    show what a captured file holds
     fxoffload demo [--model gpt2|block] [--mode subprocess|serde] [--workers N]
+    fxoffload farm up [--workers N] [--address ADDR] [--store DIR] | status | down
+                                                  a shared compile farm on Ray
 
 Exit codes: 0 success, 1 the compile (or the demo) failed, 2 bad input (including no
 torch in this interpreter). Only the standard library is imported before a command runs,
@@ -32,7 +34,7 @@ from .errors import FxOffloadError
 _RESULT_MARK = "FXOFFLOAD-DEMO-RESULT "
 TORCH_PIN = "2.13.0"  # what scripts/setup.sh installs
 TORCH_SUPPORTED = ("2.11", "2.13")  # oldest and newest torch fxoffload runs on
-_NEEDS_TORCH = ("replay", "inspect", "demo")
+_NEEDS_TORCH = ("replay", "inspect", "demo", "farm")
 
 
 def _fail(message: str) -> int:
@@ -368,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--_child", choices=_VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--_out", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)
+    from .farm.command import add_parser
+
+    add_parser(sub)
     return parser
 
 

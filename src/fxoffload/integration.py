@@ -140,6 +140,10 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
         # A synchronous backend may compile in this process (no warm worker yet): start
         # Inductor's Triton compile pool now, as torch.compile(backend="inductor") does.
         _warm_compile_pool()
+        if resolved.base_mode == "farm":
+            from .executors import get_executor
+
+            get_executor(resolved).warmup()  # joins the farm's cluster now
     return fxoffload_backend
 
 
@@ -179,6 +183,8 @@ def _checked(settings: Settings | None, kwargs: dict[str, Any]) -> Settings:
         raise TypeError(f"settings must be fxoffload.Settings, not {type(settings).__name__}")
     if settings.base_mode == "capture" and settings.capture_dir is not None:
         _check_writable_dir(settings.capture_dir, "capture_dir / FXOFFLOAD_CAPTURE_DIR")
+    if settings.base_mode == "farm":
+        _check_farm(settings)
     from . import timeline
 
     check_trace = getattr(timeline, "check_env", None)
@@ -186,6 +192,16 @@ def _checked(settings: Settings | None, kwargs: dict[str, Any]) -> Settings:
         check_trace()
     _warn_overlap()
     return settings
+
+
+def _check_farm(settings: Settings) -> None:
+    """Ray installed, the farm key readable, an address known: else ``ConfigError``."""
+    from . import farm, signing
+
+    farm.import_ray()
+    key_file = settings.farm_key or signing.default_key_path()
+    signing.load_key(key_file)
+    farm.resolve_address(settings.farm, key_file)
 
 
 def _check_writable_dir(path: Any, where: str) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -124,7 +123,7 @@ def check_response(response: protocol.CompileResponse) -> None:
 def install(response: protocol.CompileResponse, gm: torch.fx.GraphModule,
             graph_kwargs: dict[str, Any], compile_region_name: str | None) -> Any:
     """Replay what the child saw, then make its graph callable here."""
-    replay(response, foreign=response.pid != os.getpid())
+    replay(response, foreign=not protocol.ran_here(response))
     check_response(response)
     from torch._inductor.output_code import CompiledFxGraph
 
@@ -266,7 +265,7 @@ def _trace(tl: timeline.Timeline, settings: Settings, gm: torch.fx.GraphModule,
             **args)
     tl.span(f"wait for {settings.base_mode} {name}", t1, t2, track=0, track_name="parent",
             step="wait", **args)
-    if response.pid == os.getpid():  # serde/capture: the compile ran on this thread
+    if protocol.ran_here(response):  # serde/capture: the compile ran on this thread
         track, track_name = 1, "compile (in process)"
     else:
         track, track_name = response.pid, f"worker {response.pid}"

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import socket
 import sys
 import time
 import uuid
@@ -61,9 +62,21 @@ class CompileResponse:
     boxes: dict[str, Any]  # values of graph_kwargs' mutable boxes after the compile
     pid: int
     compile_s: float
+    # The compiling process is (host, pid): pids of two machines (a farm) collide.
+    host: str = dataclasses.field(default_factory=lambda: this_host())
     # The graph loaded in the parent (``offload.load``), a copy: ``graph`` itself stays
     # ready to pickle for the FX graph cache entry. Never sent.
     loaded: Any = None
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def ran_here(response: CompileResponse) -> bool:
+    """Whether this very process compiled ``response`` (serde, capture): its metrics and
+    counters moved here already."""
+    return response.pid == os.getpid() and response.host == this_host()
 
 
 def _cache_dirs() -> tuple[str | None, str | None]:

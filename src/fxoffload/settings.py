@@ -17,7 +17,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-BASE_MODES = ("inprocess", "serde", "capture", "subprocess")
+BASE_MODES = ("inprocess", "serde", "capture", "subprocess", "farm")
+SCHEDULES = ("sync", "async", "progressive")
 # Async and progressive run the graph eagerly while one of the executing modes compiles
 # it in the background (see background.py); "inprocess" has nothing to run in the
 # background.
@@ -55,6 +56,8 @@ class Settings:
     stages: tuple[dict[str, Any], ...] | None = dataclasses.field(default=None, hash=False)
     progress: bool | None = None
     defer_trace: bool = True
+    farm: str | None = None  # the farm's Ray address (mode "farm"); see fxoffload.farm
+    farm_key: Path | None = None  # the farm key file (default: fxoffload.signing's)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -71,6 +74,18 @@ class Settings:
         for prefix in MODE_PREFIXES:
             mode = mode.removeprefix(prefix)
         return mode
+
+    @property
+    def executor(self) -> str:
+        """Where a graph compiles: ``serde``, ``capture``, ``subprocess`` or ``farm``
+        (``inprocess``: not offloaded)."""
+        return self.base_mode
+
+    @property
+    def schedule(self) -> str:
+        """When the compiled code is used: ``sync`` (the call waits for it), ``async``
+        (eager until it lands) or ``progressive`` (eager, then each stage)."""
+        return self.mode.split("+", 1)[0] if self.background else "sync"
 
     @property
     def background(self) -> bool:
@@ -101,6 +116,8 @@ class Settings:
     @property
     def pool_key(self) -> tuple[Any, ...]:
         """Compiles whose settings share this key share one executor."""
+        if self.base_mode == "farm":
+            return ("farm", self.farm, str(self.farm_key))
         return (self.base_mode, self.background, self.workers, self.compile_threads,
                 self.worker_nice, self.worker_imports, self.startup_timeout)
 
@@ -108,6 +125,7 @@ class Settings:
     def resolve(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> Settings:
         """Keyword arguments win over the environment; unknown keywords are errors."""
         env = os.environ if env is None else env
+        kwargs = _schedule_and_executor(kwargs)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(kwargs) - fields
         if unknown:
@@ -124,6 +142,20 @@ class Settings:
         if settings.mode == "capture" and settings.capture_dir is None:
             settings = dataclasses.replace(settings, capture_dir=Path("fxoffload-capture"))
         return settings
+
+
+def _schedule_and_executor(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``schedule=``/``executor=`` keywords, the two halves of a mode string."""
+    schedule = kwargs.pop("schedule", None)
+    executor = kwargs.pop("executor", None)
+    if schedule is None and executor is None:
+        return kwargs
+    if kwargs.get("mode") is not None:
+        raise ConfigError("give either mode=... or schedule=/executor=, not both")
+    schedule = _choice(SCHEDULES)(schedule or "sync", "schedule")
+    executor = str(executor or "subprocess").strip().lower()
+    prefix = "" if schedule == "sync" else f"{schedule}+"
+    return {**kwargs, "mode": _mode(prefix + executor, "executor")}
 
 
 def _memory_bytes() -> int | None:
@@ -166,7 +198,7 @@ def _mode(value: Any, where: str) -> str:
     if base != text and base == "inprocess":
         raise ConfigError(
             f"{where}={value!r}: a background mode needs an executing mode to run the "
-            f"compile in; allowed after the prefix: serde, capture, subprocess"
+            f"compile in; allowed after the prefix: serde, capture, subprocess, farm"
         )
     return text
 
@@ -249,6 +281,15 @@ def _path(value: Any, where: str) -> Path:
     return Path(value).expanduser()
 
 
+def _address(value: Any, where: str) -> str:
+    text = str(value).strip()
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}={value!r} is not a farm address HOST:PORT (what "
+                          "`fxoffload farm up` prints)")
+    return text
+
+
 def _modules(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, str | list | tuple):
         raise ConfigError(f"{where}={value!r} must be module names (a list, or text "
@@ -274,6 +315,8 @@ _ENV: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "stages": ("FXOFFLOAD_STAGES", _stages),
     "progress": ("FXOFFLOAD_PROGRESS", _bool),
     "defer_trace": ("FXOFFLOAD_DEFER_TRACE", _bool),
+    "farm": ("FXOFFLOAD_FARM", _address),
+    "farm_key": ("FXOFFLOAD_FARM_KEY_FILE", _path),
 }
 
 # Fields that may not be None (the others' None means "decide later").

@@ -41,6 +41,10 @@ class Snapshot:
     background_traces: int  # graphs whose AOTAutograd trace ran on fxoffload's thread
     trace_s: float  # time those traces took (AOTAutograd, Inductor's front half, pickling)
     kernels_reused: int  # Triton kernels an in-process compile handed to the parent's load
+    # How the farm answered this process's requests: "compiled" (a worker compiled it for
+    # us), "joined" (another client's compile of the same graph was in flight), "hit"
+    # (the farm's store had it).
+    farm: MappingProxyType[str, int]
 
     @property
     def fallback_count(self) -> int:
@@ -82,6 +86,7 @@ class Stats:
             self.background_traces = 0
             self.trace_s = 0.0
             self.kernels_reused = 0
+            self.farm: Counter[str] = Counter()
 
     def add(self, **amounts: float) -> None:
         with self._lock:
@@ -97,6 +102,10 @@ class Stats:
     def count_in_process(self, reason: str) -> None:
         with self._lock:
             self.compiled_in_process[reason] += 1
+
+    def count_farm(self, outcome: str) -> None:
+        with self._lock:
+            self.farm[outcome] += 1
 
     def count_worker_failure(self, reason: str) -> None:
         with self._lock:
@@ -128,6 +137,7 @@ class Stats:
                 background_traces=self.background_traces,
                 trace_s=self.trace_s,
                 kernels_reused=self.kernels_reused,
+                farm=MappingProxyType(dict(self.farm)),
             )
 
 

@@ -2,7 +2,8 @@
 
 - ``inprocess.InProcessExecutor`` (mode ``serde``): in the calling thread;
 - ``capture.CaptureExecutor`` (mode ``capture``): ``serde`` plus files on disk;
-- ``pool.WorkerPool`` (mode ``subprocess``): warm worker processes.
+- ``pool.WorkerPool`` (mode ``subprocess``): warm worker processes;
+- ``farm.FarmExecutor`` (mode ``farm``): a shared compile farm on Ray.
 
 ``get_executor(settings)`` returns the process-wide executor for those settings,
 creating it on first use; ``shutdown_all()`` stops them all.
@@ -22,7 +23,7 @@ _executors: dict[Any, Executor] = {}
 
 def get_executor(settings: Settings) -> Executor:
     mode = settings.base_mode
-    key: Any = (settings.pool_key if mode == "subprocess"
+    key: Any = (settings.pool_key if mode in ("subprocess", "farm")
                 else (mode, settings.background, str(settings.capture_dir)))
     with _lock:
         executor = _executors.get(key)
@@ -46,6 +47,10 @@ def _create(settings: Settings) -> Executor:
         from .pool import WorkerPool
 
         return WorkerPool(settings)
+    if mode == "farm":
+        from .farm import FarmExecutor
+
+        return FarmExecutor(settings)
     raise ValueError(f"mode {settings.mode!r} has no executor")
 
 

@@ -1,0 +1,130 @@
+"""Executor ``farm``: requests go to a shared compile farm on Ray (see ``fxoffload.farm``).
+
+    submit(request bytes) ─► content key ─► HMAC-sign ─► Registry.compile (Ray)
+        ─► signed response ─► signature checked ─► response bytes ─► Future
+
+The process joins the farm's cluster as a Ray driver on first use (never starting one)
+and asks the named registry; it holds no workers of its own, so it pays no worker
+start-up. A farm that cannot be reached fails the request with ``FarmUnavailable`` (the
+caller's ``on_failure`` policy compiles locally, with one WARNING), and for
+``RETRY_AFTER_S`` every later request fails the same way at once instead of waiting on
+the network again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from .. import signing
+from ..errors import FarmCompileFailed, FarmUnavailable, FxOffloadError, Unauthenticated
+from ..settings import Settings
+from ..tally import STATS
+from .base import Executor
+
+RETRY_AFTER_S = 30.0
+REQUEST, RESPONSE = b"request", b"response"
+
+
+class FarmExecutor(Executor):
+    name = "farm"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._registry: Any = None
+        self._key: bytes | None = None
+        self._down: tuple[float, FxOffloadError] | None = None
+        self._closed = False
+
+    def _connect(self) -> Any:
+        with self._lock:
+            if self._closed:
+                from ..errors import PoolClosed
+
+                raise PoolClosed("the farm executor was shut down")
+            if self._registry is not None:
+                return self._registry
+            if self._down is not None and time.monotonic() - self._down[0] < RETRY_AFTER_S:
+                raise self._down[1]
+            from .. import farm
+            from ..farm.actors import NAMESPACE, REGISTRY_NAME
+
+            key_file = self._settings.farm_key or signing.default_key_path()
+            try:
+                self._key = signing.load_key(key_file)
+                address = farm.resolve_address(self._settings.farm, key_file)
+                ray = farm.connect(address, farm.state_dir(key_file))
+                try:
+                    self._registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
+                except ValueError:
+                    raise FarmUnavailable(f"the farm at {address} has no registry (was "
+                                          "`fxoffload farm down` run?)") from None
+            except FarmUnavailable as e:
+                self._down = (time.monotonic(), e)
+                raise
+            return self._registry
+
+    def warmup(self, *, wait: bool = False, full: bool = True) -> None:
+        """Join the farm now (its workers are warm already)."""
+        try:
+            self._connect()
+        except FxOffloadError:
+            pass  # the first request reports it, under the on_failure policy
+
+    def submit(self, request: bytes, *, timeout: float | None = None) -> Future[bytes]:
+        future: Future[bytes] = Future()
+        future.set_running_or_notify_cancel()
+        try:
+            registry = self._connect()
+            from ..content_key import content_key
+
+            assert self._key is not None
+            key = content_key(request)
+            signed = signing.sign(self._key, request, purpose=REQUEST)
+            ref = registry.compile.remote(key, signed, timeout)
+        except FxOffloadError as e:
+            future.set_exception(e)
+            return future
+        except Exception as e:  # noqa: BLE001 - Ray's errors become ours
+            future.set_exception(FarmUnavailable(f"{type(e).__name__}: {e}"))
+            return future
+        started = time.perf_counter()
+        setattr(future, "started", started)  # noqa: B010 - read by offload's stats
+        ref.future().add_done_callback(lambda f: self._finish(f, future))
+        return future
+
+    def _finish(self, ray_future: Future[Any], future: Future[bytes]) -> None:
+        try:
+            how, result = ray_future.result()
+            if how == "refused":
+                raise Unauthenticated(f"the farm refused the request: {result[1]}")
+            if how == "error":
+                reason, message = result
+                raise FarmCompileFailed(reason, message)
+            assert self._key is not None
+            raw = signing.verify(self._key, result, purpose=RESPONSE)
+        except FxOffloadError as e:
+            future.set_exception(e)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray's errors become ours
+            with self._lock:
+                self._registry = None  # ask for it again next time
+            future.set_exception(FarmUnavailable(
+                f"the farm's registry failed: {type(e).__name__}: {e}"))
+            return
+        STATS.count_farm(how)
+        future.set_result(raw)
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Leave the farm; it keeps running for others (``fxoffload farm down`` stops it)."""
+        with self._lock:
+            self._closed = True
+            self._registry = None
+
+
+def key_file_of(settings: Settings) -> Path:
+    return settings.farm_key or signing.default_key_path()

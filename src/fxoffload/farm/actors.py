@@ -1,0 +1,255 @@
+"""The farm's two kinds of Ray actor: compile workers and the one registry.
+
+    client ──compile(key, signed request)──► Registry ─┬─ store hit ──────────► signed response
+                                                       ├─ same key in flight ─► wait for it (join)
+                                                       └─ else ─► CompileWorker.compile ─► store
+
+``CompileWorker`` holds a warm torch (imported, one compile done at start) and compiles one
+request at a time with the same ``child`` code a local worker process runs. ``Registry``
+(an asyncio actor) keeps single-flight: one compile per content key however many clients
+ask; the compile runs in a task of its own, so a client that dies while waiting costs the
+others nothing and the result is stored. A worker that dies mid-compile is replaced and
+the request re-dispatched once; one that runs past the deadline is killed and replaced.
+
+Both read the farm key from a file on their own node (``key_path``); the key never
+travels through Ray. Every request is checked before a worker unpickles it, and every
+response before the registry stores or serves it. The classes are plain here; ``deploy``
+wraps them with ``ray.remote``, so this module imports without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import signing
+from ..errors import Unauthenticated
+
+NAMESPACE = "fxoffload"
+REGISTRY_NAME = "fxoffload-registry"
+REQUEST = b"request"
+RESPONSE = b"response"
+
+
+class CompileWorker:
+    """One warm compile process (``num_cpus=1``)."""
+
+    def __init__(self, key_path: str, warm: bool = True) -> None:
+        self._key = signing.load_key(Path(key_path))
+        os.environ["FXOFFLOAD_FARM_WORKER"] = "1"  # what tests' worker-only passes look for
+        start = time.perf_counter()
+        from .. import child, worker  # imports torch and Inductor
+
+        self._child = child
+        self.phases: dict[str, float] = {"import_s": time.perf_counter() - start}
+        if warm:
+            worker._warm_up(self.phases, compile=True, request_waiting=lambda: False)
+        self.startup_s = time.perf_counter() - start
+        self.compiles = 0
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname(),
+                "startup_s": self.startup_s, "compiles": self.compiles,
+                "phases": self.phases}
+
+    def compile(self, signed_request: bytes) -> tuple[bool, bytes, float]:
+        """``(ok, signed response, seconds)``: ``ok`` is False for an error response
+        (returned to the client, never stored)."""
+        data = signing.verify(self._key, signed_request, purpose=REQUEST)
+        start = time.perf_counter()
+        raw, ok = self._child.compile_request_status(data)
+        self.compiles += 1
+        return ok, signing.sign(self._key, raw, purpose=RESPONSE), time.perf_counter() - start
+
+
+@dataclass
+class _Slot:
+    handle: Any
+    name: str
+    pid: int = 0
+    busy: int = 0
+    compiles: int = 0
+
+
+@dataclass
+class _Stats:
+    requests: int = 0
+    hits: int = 0
+    joins: int = 0
+    compiles: int = 0
+    failed: int = 0
+    redispatched: int = 0
+    workers_replaced: int = 0
+    compile_s: float = 0.0
+    refused: int = 0
+    by_key: dict[str, int] = field(default_factory=dict)
+
+
+class Registry:
+    """Single-flight, the store, and the workers (an asyncio actor, ``num_cpus=0``)."""
+
+    def __init__(self, key_path: str, workers: int, store_dir: str | None,
+                 store_bytes: int, worker_options: dict[str, Any]) -> None:
+        from .store import ArtifactStore
+
+        self._key_path = key_path
+        self._key = signing.load_key(Path(key_path))
+        self._store = ArtifactStore(max_bytes=store_bytes,
+                                    directory=Path(store_dir) if store_dir else None)
+        self._worker_options = worker_options
+        self._inflight: dict[str, asyncio.Future[tuple[str, Any]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stats = _Stats()
+        self._generation = 0
+        self._slots = [self._new_slot() for _ in range(workers)]
+
+    def _new_slot(self) -> _Slot:
+        import ray
+
+        self._generation += 1
+        name = f"fxoffload-worker-{self._generation}"
+        handle = ray.remote(CompileWorker).options(
+            name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=0,
+            max_concurrency=1, **self._worker_options).remote(self._key_path)
+        return _Slot(handle, name)
+
+    async def ready(self) -> list[dict[str, Any]]:
+        """Wait until every worker is warm; their ``info()``."""
+        infos = await asyncio.gather(*(s.handle.info.remote() for s in self._slots))
+        for slot, info in zip(self._slots, infos, strict=True):
+            slot.pid = info["pid"]
+        return list(infos)
+
+    async def compile(self, key: str, signed_request: bytes,
+                      timeout: float | None) -> tuple[str, Any]:
+        """``("hit" | "joined" | "compiled", signed response)``, or ``("error", (reason,
+        message))`` when the farm could not compile it."""
+        self._stats.requests += 1
+        try:
+            signing.verify(self._key, signed_request, purpose=REQUEST)
+        except Unauthenticated as e:
+            self._stats.refused += 1
+            return "refused", ("unauthenticated", str(e))
+        stored = self._store.get(key)
+        if stored is not None:
+            self._stats.hits += 1
+            return "hit", stored
+        future = self._inflight.get(key)
+        if future is not None:
+            self._stats.joins += 1
+            how, result = await asyncio.shield(future)
+            return ("joined" if how == "compiled" else how), result
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        task = asyncio.create_task(self._run(key, signed_request, timeout, future))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(future)
+
+    async def _run(self, key: str, signed_request: bytes, timeout: float | None,
+                   future: asyncio.Future[tuple[str, Any]]) -> None:
+        try:
+            result = await self._dispatch(key, signed_request, timeout)
+        except Exception as e:  # noqa: BLE001 - every failure becomes the answer
+            result = ("error", ("farm_internal_error", f"{type(e).__name__}: {e}"))
+        self._inflight.pop(key, None)
+        if result[0] == "error":
+            self._stats.failed += 1
+        future.set_result(result)
+
+    async def _dispatch(self, key: str, signed_request: bytes,
+                        timeout: float | None) -> tuple[str, Any]:
+        import ray
+
+        for attempt in (1, 2):
+            slot = min(self._slots, key=lambda s: s.busy)
+            slot.busy += 1
+            ref = slot.handle.compile.remote(signed_request)
+            try:
+                ok, signed_response, seconds = await asyncio.wait_for(
+                    asyncio.wrap_future(ref.future()), timeout)
+            except TimeoutError:
+                self._replace(slot, kill=True)
+                return "error", ("worker_timeout", f"farm worker {slot.name} (pid "
+                                 f"{slot.pid}) did not finish within {timeout:g} s; it was "
+                                 "killed and replaced")
+            except ray.exceptions.RayActorError as e:
+                self._replace(slot, kill=False)
+                if attempt == 1:
+                    self._stats.redispatched += 1
+                    continue
+                return "error", ("worker_crashed", f"farm worker {slot.name} (pid "
+                                 f"{slot.pid}) died during the compile, twice: {e}")
+            except ray.exceptions.RayTaskError as e:
+                return "error", ("remote_compile_error", str(e)[-4000:])
+            finally:
+                slot.busy -= 1
+            signing.verify(self._key, signed_response, purpose=RESPONSE)
+            slot.compiles += 1
+            self._stats.compiles += 1
+            self._stats.compile_s += seconds
+            self._stats.by_key[key] = self._stats.by_key.get(key, 0) + 1
+            if ok:
+                self._store.put(key, signed_response)
+            return "compiled", signed_response
+        raise AssertionError("unreachable")
+
+    def _replace(self, slot: _Slot, *, kill: bool) -> None:
+        import ray
+
+        if kill:
+            try:
+                ray.kill(slot.handle, no_restart=True)
+            except Exception:  # noqa: BLE001 - it may be gone already
+                pass
+        index = self._slots.index(slot)
+        self._slots[index] = self._new_slot()
+        self._stats.workers_replaced += 1
+        asyncio.get_running_loop().create_task(self._learn_pid(self._slots[index]))
+
+    async def _learn_pid(self, slot: _Slot) -> None:
+        try:
+            slot.pid = (await slot.handle.info.remote())["pid"]
+        except Exception:  # noqa: BLE001 - a slot whose worker died says pid 0
+            pass
+
+    def stats(self) -> dict[str, Any]:
+        s = self._stats
+        return {
+            "workers": [{"name": x.name, "pid": x.pid, "busy": x.busy,
+                         "compiles": x.compiles} for x in self._slots],
+            "in_flight": len(self._inflight),
+            "queued": sum(max(0, x.busy - 1) for x in self._slots),
+            "store_entries": len(self._store), "store_bytes": self._store.bytes,
+            "store_evictions": self._store.evictions,
+            "requests": s.requests, "hits": s.hits, "joins": s.joins,
+            "compiles": s.compiles, "failed": s.failed, "refused": s.refused,
+            "redispatched": s.redispatched, "workers_replaced": s.workers_replaced,
+            "compile_s": round(s.compile_s, 3),
+            "compiles_per_key_max": max(s.by_key.values(), default=0),
+        }
+
+    def reset_stats(self) -> None:
+        """Counters back to zero (tests); the store stays."""
+        self._stats = _Stats()
+
+    def clear_store(self) -> None:
+        self._store.clear()
+
+    def shutdown(self) -> int:
+        """Kill every worker (``farm down``); how many."""
+        import ray
+
+        for slot in self._slots:
+            try:
+                ray.kill(slot.handle, no_restart=True)
+            except Exception:  # noqa: BLE001 - gone already
+                pass
+        count = len(self._slots)
+        self._slots = []
+        return count

@@ -1,0 +1,99 @@
+"""Single-flight and the store: K client processes asking for the same graphs at once
+cause one compile per graph on the farm (its own counter), every output equal to stock's;
+a client that comes later gets the stored result; a farm restarted on the same store
+directory hits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import farm_support
+import pytest
+import torch
+from farm_client import step
+from models import Block
+
+HERE = Path(__file__).parent
+
+
+def _stock() -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(2, 8, 32)
+    torch._dynamo.reset()
+    return step(torch.compile(model, backend="inductor"), x)
+
+
+def _clients(farm: Any, tmp_path: Path, count: int, mode: str = "farm") -> list[dict]:
+    outs = [tmp_path / f"client{i}.pt" for i in range(count)]
+    procs = [subprocess.Popen([sys.executable, str(HERE / "farm_client.py"), str(out), mode],
+                              env=farm.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for out in outs]
+    for proc in procs:
+        text, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, text[-4000:]
+    return [torch.load(out, weights_only=False) for out in outs]
+
+
+def _assert_stock(results: list[dict]) -> None:
+    stock = _stock()
+    for r in results:
+        assert len(r["result"]) == len(stock)
+        for ours, theirs in zip(r["result"], stock, strict=True):
+            torch.testing.assert_close(ours, theirs)
+        assert r["stats"]["fallbacks"] == {}, r["stats"]["fallbacks"]
+
+
+def test_three_clients_one_compile_per_graph(farm: Any, tmp_path: Path) -> None:
+    farm.reset()
+    results = _clients(farm, tmp_path, 3)
+    _assert_stock(results)
+    stats = farm.stats()
+    # forward and backward: two graphs, each compiled once for all three clients
+    assert stats["compiles"] == 2, stats
+    assert stats["compiles_per_key_max"] == 1, stats
+    assert stats["hits"] + stats["joins"] == 4, stats
+    outcomes = [r["stats"]["farm"] for r in results]
+    assert sum(o.get("compiled", 0) for o in outcomes) == 2, outcomes
+    assert all(r["stats"]["graphs_offloaded"] == 2 for r in results)
+
+    # a client that comes later: both graphs from the store, nothing compiled
+    farm.reset(store=False)
+    (tmp_path / "later").mkdir()
+    (later,) = _clients(farm, tmp_path / "later", 1)
+    _assert_stock([later])
+    stats = farm.stats()
+    assert stats["compiles"] == 0 and stats["hits"] == 2, stats
+    assert later["stats"]["farm"] == {"hit": 2}
+
+
+def test_async_clients_share_one_compile(farm: Any, tmp_path: Path) -> None:
+    farm.reset()
+    results = _clients(farm, tmp_path, 2, mode="async+farm")
+    _assert_stock(results)
+    stats = farm.stats()
+    assert stats["compiles_per_key_max"] == 1, stats
+    assert stats["compiles"] == 2, stats
+
+
+@pytest.mark.slow
+def test_restarted_farm_hits_its_store(tmp_path: Path) -> None:
+    farm_support.require_farm_environment()
+    state = tmp_path / "farm"
+    first = farm_support.start(state, workers=1)
+    try:
+        _clients(first, tmp_path, 1)
+        assert first.stats()["store_entries"] == 2
+    finally:
+        farm_support.stop(first)
+    second = farm_support.start(state, workers=1)
+    try:
+        (again,) = _clients(second, tmp_path, 1)
+        _assert_stock([again])
+        stats = second.stats()
+        assert stats["compiles"] == 0 and stats["hits"] == 2, stats
+    finally:
+        farm_support.stop(second)
