@@ -35,7 +35,8 @@ def settings_for(mode: str, tmp_path: object = None, **extra: object) -> dict[st
         kw["capture_dir"] = tmp_path
     if mode.endswith("farm"):
         assert CURRENT_FARM is not None, "a farm test must request the `farm` fixture"
-        kw.update(CURRENT_FARM.settings(mode=mode))
+        for key, value in CURRENT_FARM.settings(mode=mode).items():
+            kw.setdefault(key, value)  # what the test passed wins
     return kw
 
 

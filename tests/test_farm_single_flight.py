@@ -28,10 +28,14 @@ def _stock() -> list[torch.Tensor]:
 
 
 def _clients(farm: Any, tmp_path: Path, count: int, mode: str = "farm") -> list[dict]:
+    # Each client has a cache dir of its own, as ranks on other machines would: nothing
+    # is shared but through the farm (the kernels come with the response).
     outs = [tmp_path / f"client{i}.pt" for i in range(count)]
     procs = [subprocess.Popen([sys.executable, str(HERE / "farm_client.py"), str(out), mode],
-                              env=farm.env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for out in outs]
+                              env={**farm.env(),
+                                   "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"cache{i}")},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, out in enumerate(outs)]
     for proc in procs:
         text, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, text[-4000:]
@@ -59,6 +63,8 @@ def test_three_clients_one_compile_per_graph(farm: Any, tmp_path: Path) -> None:
     outcomes = [r["stats"]["farm"] for r in results]
     assert sum(o.get("compiled", 0) for o in outcomes) == 2, outcomes
     assert all(r["stats"]["graphs_offloaded"] == 2 for r in results)
+    # every client got the compiled kernels with the response (none compiled its own)
+    assert all(r["stats"]["farm_files_installed"] > 0 for r in results)
 
     # a client that comes later: both graphs from the store, nothing compiled
     farm.reset(store=False)

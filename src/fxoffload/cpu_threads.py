@@ -45,6 +45,12 @@ def worker_compile_ended(_future: Any) -> None:
         _worker_compiles -= 1
 
 
+def user_threads() -> int:
+    """The intra-op thread count the user set (not a cap of ours in force now)."""
+    with _threads_lock:
+        return _user_threads if _capped_runs else torch.get_num_threads()
+
+
 @contextlib.contextmanager
 def beside_workers() -> Iterator[None]:
     """Cap this process's intra-op threads to the cores the busy workers leave (at least

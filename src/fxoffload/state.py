@@ -181,7 +181,17 @@ def _capture_torch_flags() -> dict[str, Any]:
         "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        # Inductor's C++ code is written for this many OpenMP threads (when
+        # config.cpp.threads is unset); a worker may have another count (Ray gives an
+        # actor of one CPU one thread).
+        "num_threads": _user_threads(),
     }
+
+
+def _user_threads() -> int:
+    from .cpu_threads import user_threads
+
+    return user_threads()
 
 
 def _capture_deterministic_guard() -> Any:
@@ -363,7 +373,7 @@ def _fallbacks(names: list[str]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _torch_flags(flags: dict[str, Any]) -> Iterator[None]:
-    before = _capture_torch_flags()
+    before = {**_capture_torch_flags(), "num_threads": torch.get_num_threads()}
 
     def apply(f: dict[str, Any]) -> None:
         torch.use_deterministic_algorithms(f["deterministic"],
@@ -372,6 +382,8 @@ def _torch_flags(flags: dict[str, Any]) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = f["cuda_matmul_allow_tf32"]
         torch.backends.cudnn.allow_tf32 = f["cudnn_allow_tf32"]
         torch.backends.cudnn.deterministic = f["cudnn_deterministic"]
+        if torch.get_num_threads() != f["num_threads"]:
+            torch.set_num_threads(f["num_threads"])
 
     apply(flags)
     try:

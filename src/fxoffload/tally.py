@@ -45,6 +45,7 @@ class Snapshot:
     # us), "joined" (another client's compile of the same graph was in flight), "hit"
     # (the farm's store had it).
     farm: MappingProxyType[str, int]
+    farm_files_installed: int  # compiled kernels the farm sent that this process lacked
 
     @property
     def fallback_count(self) -> int:
@@ -87,6 +88,7 @@ class Stats:
             self.trace_s = 0.0
             self.kernels_reused = 0
             self.farm: Counter[str] = Counter()
+            self.farm_files_installed = 0
 
     def add(self, **amounts: float) -> None:
         with self._lock:
@@ -138,6 +140,7 @@ class Stats:
                 trace_s=self.trace_s,
                 kernels_reused=self.kernels_reused,
                 farm=MappingProxyType(dict(self.farm)),
+                farm_files_installed=self.farm_files_installed,
             )
 
 

@@ -106,7 +106,7 @@ class FarmExecutor(Executor):
                 reason, message = result
                 raise FarmCompileFailed(reason, message)
             assert self._key is not None
-            raw = signing.verify(self._key, result, purpose=RESPONSE)
+            raw = _install_files(signing.verify(self._key, result, purpose=RESPONSE))
         except FxOffloadError as e:
             future.set_exception(e)
             return
@@ -126,5 +126,33 @@ class FarmExecutor(Executor):
             self._registry = None
 
 
-def key_file_of(settings: Settings) -> Path:
-    return settings.farm_key or signing.default_key_path()
+def _install_files(blob: bytes) -> bytes:
+    """The response, after the kernels compiled with it are written into this process's
+    cache dirs (``farm.bundle``), so that loading it compiles nothing."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from ..errors import ProtocolError
+    from ..farm import bundle
+
+    try:
+        raw, files = bundle.unpack(blob)
+        dirs = {"inductor": Path(cache_dir())}
+        triton = os.environ.get("TRITON_CACHE_DIR")
+        if triton:  # the worker's Triton files sit at inductor/triton/<device>/...
+            dirs["triton"] = Path(triton)
+            files = {_to_triton(name): data for name, data in files.items()}
+        written = bundle.write_into(dirs, files)
+    except (ValueError, OSError) as e:
+        raise ProtocolError(f"the farm's kernel bundle could not be installed: {e}",
+                            reason="farm_bundle_failed") from e
+    STATS.add(farm_files_installed=written)
+    return raw
+
+
+def _to_triton(name: str) -> str:
+    parts = name.split("/", 3)
+    if len(parts) == 4 and parts[:2] == ["inductor", "triton"]:
+        return f"triton/{parts[3]}"
+    return name

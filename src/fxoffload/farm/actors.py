@@ -5,7 +5,8 @@
                                                        └─ else ─► CompileWorker.compile ─► store
 
 ``CompileWorker`` holds a warm torch (imported, one compile done at start) and compiles one
-request at a time with the same ``child`` code a local worker process runs. ``Registry``
+request at a time with the same ``child`` code a local worker process runs, in a cache dir
+of its own; the files the compile wrote there go back with the response (``bundle``). ``Registry``
 (an asyncio actor) keeps single-flight: one compile per content key however many clients
 ask; the compile runs in a task of its own, so a client that dies while waiting costs the
 others nothing and the result is stored. A worker that dies mid-compile is replaced and
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +41,15 @@ RESPONSE = b"response"
 class CompileWorker:
     """One warm compile process (``num_cpus=1``)."""
 
-    def __init__(self, key_path: str, warm: bool = True) -> None:
+    def __init__(self, key_path: str, work_dir: str, warm: bool = True) -> None:
         self._key = signing.load_key(Path(key_path))
+        # A cache dir of its own: what a compile writes there travels with the response
+        # (farm.bundle), so clients with other cache dirs load without recompiling.
+        os.makedirs(work_dir, exist_ok=True)  # on another node, made there
+        base = Path(tempfile.mkdtemp(prefix="worker-", dir=work_dir))
+        self._cache = base / "inductor"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self._cache)
+        os.environ.pop("TRITON_CACHE_DIR", None)  # Triton's under Inductor's: one layout
         os.environ["FXOFFLOAD_FARM_WORKER"] = "1"  # what tests' worker-only passes look for
         start = time.perf_counter()
         from .. import child, worker  # imports torch and Inductor
@@ -60,11 +69,19 @@ class CompileWorker:
     def compile(self, signed_request: bytes) -> tuple[bool, bytes, float]:
         """``(ok, signed response, seconds)``: ``ok`` is False for an error response
         (returned to the client, never stored)."""
+        from . import bundle
+
         data = signing.verify(self._key, signed_request, purpose=REQUEST)
         start = time.perf_counter()
-        raw, ok = self._child.compile_request_status(data)
+        dirs = {"inductor": self._cache}
+        before = bundle.snapshot(dirs)
+        raw, ok = self._child.compile_request_status(data, cache_dirs=(str(self._cache), ""))
+        # A kernel this worker compiled for an earlier graph is not rewritten, so not
+        # sent: a client that lacks it compiles it (correct, only slower).
+        files = bundle.new_files(dirs, before) if ok else {}
         self.compiles += 1
-        return ok, signing.sign(self._key, raw, purpose=RESPONSE), time.perf_counter() - start
+        blob = bundle.pack(raw, files)
+        return ok, signing.sign(self._key, blob, purpose=RESPONSE), time.perf_counter() - start
 
 
 @dataclass
@@ -94,7 +111,7 @@ class Registry:
     """Single-flight, the store, and the workers (an asyncio actor, ``num_cpus=0``)."""
 
     def __init__(self, key_path: str, workers: int, store_dir: str | None,
-                 store_bytes: int, worker_options: dict[str, Any]) -> None:
+                 store_bytes: int, worker_options: dict[str, Any], work_dir: str) -> None:
         from .store import ArtifactStore
 
         self._key_path = key_path
@@ -102,6 +119,7 @@ class Registry:
         self._store = ArtifactStore(max_bytes=store_bytes,
                                     directory=Path(store_dir) if store_dir else None)
         self._worker_options = worker_options
+        self._work_dir = work_dir
         self._inflight: dict[str, asyncio.Future[tuple[str, Any]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stats = _Stats()
@@ -115,7 +133,7 @@ class Registry:
         name = f"fxoffload-worker-{self._generation}"
         handle = ray.remote(CompileWorker).options(
             name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=0,
-            max_concurrency=1, **self._worker_options).remote(self._key_path)
+            max_concurrency=1, **self._worker_options).remote(self._key_path, self._work_dir)
         return _Slot(handle, name)
 
     async def ready(self) -> list[dict[str, Any]]:

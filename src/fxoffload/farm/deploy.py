@@ -59,13 +59,15 @@ def up(*, state_dir: Path, workers: int, address: str | None = None,
         if address is None:
             address, temp_dir = _start_head(state_dir, state["farm_id"], host, workers)
             state["temp_dir"] = temp_dir
+        # The workers' cache dirs (removed by `down`).
+        state["work_dir"] = tempfile.mkdtemp(prefix="fxoffload-farm-work-", dir="/tmp")
         state["address"] = address
         connect(address, state_dir)
         registry = ray.remote(Registry).options(
             name=REGISTRY_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
             max_restarts=0).remote(str(key_path), workers,
                                    str(store_dir) if store_dir else None, store_bytes,
-                                   {"num_cpus": 1})
+                                   {"num_cpus": 1}, state["work_dir"])
         infos = ray.get(registry.ready.remote(), timeout=startup_timeout)
         state["worker_startup_s"] = [round(i["startup_s"], 2) for i in infos]
     except BaseException:
@@ -127,6 +129,8 @@ def _teardown(state: dict[str, Any], ray: Any) -> dict[str, Any]:
         processes = kill_farm_processes(state["farm_id"])
         if state.get("temp_dir"):
             shutil.rmtree(state["temp_dir"], ignore_errors=True)
+    if state.get("work_dir"):
+        shutil.rmtree(state["work_dir"], ignore_errors=True)
     return {"actors": actors, "processes": processes}
 
 
