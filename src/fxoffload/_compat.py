@@ -317,3 +317,61 @@ def cache_can_hit() -> bool:
         return False
     except OSError:
         return True
+
+
+def process_group_sizes(gm: Any) -> dict[str, int]:
+    """``{group name: size}`` of the process groups the graph's collectives name."""
+    from torch._ops import OpOverload
+
+    names: set[str] = set()
+    for module in gm.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            target = node.target
+            if node.op != "call_function" or not isinstance(target, OpOverload):
+                continue
+            if target.namespace not in ("_c10d_functional", "c10d_functional"):
+                continue
+            for arg in target._schema.arguments:
+                if arg.name == "group_name":
+                    value = node.kwargs.get("group_name")
+                    if value is None:
+                        index = target._schema.arguments.index(arg)
+                        value = node.args[index] if index < len(node.args) else None
+                    if isinstance(value, str):
+                        names.add(value)
+    if not names:
+        return {}
+    from torch.distributed.distributed_c10d import _get_group_size_by_name
+
+    return {name: int(_get_group_size_by_name(name)) for name in sorted(names)}
+
+
+def ensure_process_groups(sizes: dict[str, int]) -> None:
+    """Make each named group resolvable here with its size (a worker has no process
+    group; Inductor asks a collective's group for its size): a fake group, rank 0, that
+    communicates nothing. Groups that resolve already (the parent's own) are left be."""
+    if not sizes:
+        return
+    import torch._C._distributed_c10d as c10d
+    from torch.distributed.distributed_c10d import _get_group_size_by_name
+
+    for name, size in sizes.items():
+        try:
+            if _get_group_size_by_name(name) == size:
+                continue
+        except Exception:  # noqa: BLE001 - not registered, or its group is gone
+            pass
+        c10d._unregister_process_group(name)
+        group = c10d.ProcessGroup(c10d.HashStore(), 0, size)
+        create = getattr(c10d.FakeProcessGroup, "_create_internal", None)
+        backend = create(0, size) if create is not None else c10d.FakeProcessGroup(0, size)
+        kind = c10d.ProcessGroup.BackendType.CUSTOM
+        group._register_backend(torch.device("cpu"), kind, backend)
+        group._set_default_backend(kind)
+        c10d._register_process_group(name, group)
+        _stand_in_groups[name] = group  # the registry holds groups weakly
+
+
+_stand_in_groups: dict[str, Any] = {}

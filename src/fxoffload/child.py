@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from . import kernel_reuse, protocol
-from ._compat import clear_inductor_caches, no_save_output_code
+from ._compat import clear_inductor_caches, ensure_process_groups, no_save_output_code
 from .protocol import CompileResponse, Preamble
 from .state import captured_logs, restored
 
@@ -116,6 +116,11 @@ def _respond(data: bytes, *, in_parent: bool,
         except Exception as e:  # noqa: BLE001 - reported to the parent, not raised here
             return _error("worker_import_failed", f"{type(e).__name__}: {e}",
                           traceback.format_exc())
+    try:
+        ensure_process_groups(preamble.process_groups)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, not raised here
+        return _error("process_group_unavailable", f"{type(e).__name__}: {e}",
+                      traceback.format_exc())
     missing = missing_custom_ops(preamble)
     if missing:
         return _error(

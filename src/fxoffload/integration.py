@@ -102,18 +102,26 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
     variables. Invalid values raise ``ConfigError`` here, not at the first compile."""
     resolved = _checked(settings, kwargs)
 
-    def compile_with_hook(g: Any, e: Any, options: dict[str, Any]) -> Any:
+    def compile_with_hook(g: Any, e: Any, options: dict[str, Any],
+                          settings: Settings = resolved) -> Any:
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
         from .offload import compile_scope
 
         install()
         with counting_cache_hits(), compile_scope():
-            return compile_fx(g, e, inner_compile=_with_settings(resolved, compile_fx_inner),
+            return compile_fx(g, e, inner_compile=_with_settings(settings, compile_fx_inner),
                               **options)
 
     def fxoffload_backend(gm: Any, example_inputs: Any, **options: Any) -> Any:
-        if resolved.background:
+        from .offload import has_collectives, in_step
+
+        settings = resolved
+        if resolved.background and has_collectives(gm):
+            # Ranks stay in step: compiled from the first call (offload.in_step).
+            log.debug("fxoffload: a graph with collectives compiles synchronously")
+            settings = in_step(resolved)
+        if settings.background:
             from . import deferred
 
             reason = deferred.why_not(resolved, example_inputs)
@@ -122,7 +130,7 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
                     compile_with_hook, options=options))
             log.debug("fxoffload: tracing on the caller's thread (%s)", reason)
         try:
-            return compile_with_hook(gm, example_inputs, options)
+            return compile_with_hook(gm, example_inputs, options, settings)
         except Exception as e:
             ours = _ours(e)
             if ours is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import time
 import warnings
@@ -63,6 +64,40 @@ def check_offloadable(gm: torch.fx.GraphModule) -> None:
                         "the graph calls a user-defined Triton kernel, which lives in a "
                         "process-local side table",
                     )
+
+
+_COLLECTIVE_NAMESPACES = frozenset({"_c10d_functional", "c10d_functional",
+                                    "_c10d_functional_autograd", "c10d", "_dtensor"})
+
+
+def has_collectives(gm: torch.fx.GraphModule) -> bool:
+    """Whether the graph (Dynamo's or AOTAutograd's) calls a collective."""
+    for module in gm.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op != "call_function":
+                continue
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket) \
+                    and str(target).split(".", 1)[0] in _COLLECTIVE_NAMESPACES:
+                return True
+            if getattr(target, "__module__", "").startswith("torch.distributed"):
+                return True
+    return False
+
+
+def in_step(settings: Settings) -> Settings:
+    """The settings a graph with collectives compiles under: synchronously, and never
+    run eagerly on failure. Ranks that ran it eagerly while others ran compiled code
+    could issue their collectives in another order (Inductor reorders them) and hang;
+    compiled from the first call on every rank, and compiled to stock's code when the
+    offload fails, every rank issues them in one order."""
+    if not settings.background and settings.on_failure != "eager":
+        return settings
+    return dataclasses.replace(settings, mode=settings.base_mode,
+                               on_failure=("fallback" if settings.on_failure == "eager"
+                                           else settings.on_failure))
 
 
 def uses_gpu(example_inputs: Sequence[Any]) -> bool:
@@ -162,6 +197,8 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
             compile_region_name: str | None) -> Any:
     args = (gm, example_inputs, inputs_to_check, graph_kwargs, compile_region_name)
     fake_mode = current_fake_mode(example_inputs)
+    if has_collectives(gm):
+        settings = in_step(settings)
     if settings.background:
         from .background import compile_in_background
 

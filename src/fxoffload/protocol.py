@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import pickling, wire
+from ._compat import process_group_sizes
 from .errors import NotOffloadable, ProtocolError
 from .state import CapturedState
 
@@ -37,6 +38,9 @@ class Preamble:
     cache_dir: str | None
     triton_cache_dir: str | None
     summary: dict[str, Any]
+    # {name: size} of the process groups its collectives name: the worker makes
+    # stand-ins (same for every rank, so ranks share one compile).
+    process_groups: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -135,6 +139,7 @@ def encode_request(request: CompileRequest, *, extra_imports: tuple[str, ...] = 
         cache_dir=inductor_dir,
         triton_cache_dir=triton_dir,
         summary=summarize(request.gm, list(request.example_inputs), request.graph_kwargs),
+        process_groups=process_group_sizes(request.gm),
     )
     return join_request(preamble, body)
 
