@@ -8,8 +8,11 @@ defined in ``__main__``, which no other process can import.
 
 from __future__ import annotations
 
+import copyreg
+import functools
 import io
 import pickle
+import re
 from typing import Any
 
 from ._compat import graph_pickler_options
@@ -70,7 +73,7 @@ def dumps(obj: Any, recorder: OpRecorder, *, lean: bool = True) -> bytes:
 
     from .lean_pickler import LeanPickler
 
-    pickler = LeanPickler if lean else GraphPickler
+    pickler = _deterministic(LeanPickler if lean else GraphPickler)
     try:
         return pickler.dumps(obj, graph_pickler_options(recorder))
     except NotOffloadable:
@@ -79,6 +82,107 @@ def dumps(obj: Any, recorder: OpRecorder, *, lean: bool = True) -> bytes:
         raise NotOffloadable("uncacheable_graph", str(e)) from None
     except (pickle.PicklingError, AttributeError, TypeError, NotImplementedError) as e:
         raise NotOffloadable("unpicklable", f"{type(e).__name__}: {e}") from None
+
+
+# --- the same graph, the same bytes ----------------------------------------------------
+# The farm shares one compile among processes by a hash of the request (content_key.py),
+# so two processes that pickle the same graph must write the same body. Diffing requests
+# of fresh processes found four things that differ, all debug data that codegen does not
+# read; they are rewritten here, in the stream only (the parent's objects stay as they are):
+# - NodeSource provenance (node.meta["from_node"]): graph_id is id() of a graph, and the
+#   target of a Python callable is its repr, "<function layer_norm at 0x7f...>";
+# - node.meta["fwd_nn_module_stack"] (backward graphs): keyed by str(id(module)); Inductor
+#   reads only its values (fx_passes/graph_view.py);
+# - ShapeEnv._expr_sym_node_id: id() of the SymNode evaluated last, for its logs;
+# - CapturedState.logger_levels: in the order this process happened to create loggers.
+# An id becomes its ordinal in the stream (ids equal in the stream stay equal); the logger
+# levels are sorted by name. The rewrites go through the pickler's dispatch_table, which
+# pickle consults only for the objects reducer_override leaves alone: no cost per object
+# (a reducer_override wrapper cost 10% of a backward graph's dumps).
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+class _StreamIds:
+    """The rewrites of one stream (``dispatch_table`` reducers and module stacks)."""
+
+    def __init__(self) -> None:
+        self._ordinals: dict[tuple[str, object], int] = {}
+        self._stacks: dict[int, dict[str, Any]] = {}  # id(original) -> rewritten
+
+    def _ordinal(self, kind: str, value: object) -> int:
+        return self._ordinals.setdefault((kind, value), len(self._ordinals))
+
+    def node_info(self, obj: Any) -> Any:
+        return type(obj), (obj.name, _ADDRESS.sub("", obj.target),
+                           self._ordinal("graph", obj.graph_id))
+
+    def node_source(self, obj: Any) -> Any:  # its cached to_dict() repeats the above
+        return copyreg.__newobj__, (type(obj),), {**obj.__dict__, "_dict": None}
+
+    def captured_state(self, obj: Any) -> Any:
+        levels = dict(sorted(obj.logger_levels.items()))
+        return copyreg.__newobj__, (type(obj),), {**obj.__dict__, "logger_levels": levels}
+
+    def shape_env(self, obj: Any) -> Any:  # GraphPickler's _ShapeEnvPickleData
+        return copyreg.__newobj__, (type(obj),), {
+            **obj.__dict__, "data": {**obj.data, "_expr_sym_node_id": None}}
+
+    def stable_stack(self, stack: dict[str, Any]) -> dict[str, Any]:
+        # One rewritten dict per original, so stacks that nodes share stay shared.
+        stable = self._stacks.get(id(stack))
+        if stable is None:
+            stable = {str(self._ordinal("module", k)): v for k, v in stack.items()}
+            self._stacks[id(stack)] = stable
+        return stable
+
+
+class _Deterministic:
+    """Mixed in before GraphPickler or LeanPickler (``_deterministic``)."""
+
+    _reducers: dict[type, str]  # type -> name of the _StreamIds method that reduces it
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ids = _StreamIds()
+        self.dispatch_table = {**copyreg.dispatch_table,
+                               **{t: getattr(self._ids, m) for t, m in self._reducers.items()}}
+
+    def dump(self, obj: Any) -> None:
+        # GraphModule's reduction copies each node's meta dict: swap stable stacks in
+        # for the dump. A request's graphs are its ``gm`` and gm's submodules.
+        import torch
+
+        gm = getattr(obj, "gm", None)
+        swapped = []
+        if isinstance(gm, torch.fx.GraphModule):
+            for module in gm.modules():
+                if isinstance(module, torch.fx.GraphModule):
+                    for node in module.graph.nodes:
+                        stack = node.meta.get("fwd_nn_module_stack")
+                        if stack:
+                            swapped.append((node.meta, stack))
+                            node.meta["fwd_nn_module_stack"] = self._ids.stable_stack(stack)
+        try:
+            super().dump(obj)  # type: ignore[misc]
+        finally:
+            for meta, stack in swapped:
+                meta["fwd_nn_module_stack"] = stack
+
+
+@functools.cache
+def _deterministic(base: type) -> type:
+    from torch.fx import _graph_pickler
+    from torch.fx.traceback import NodeSource
+
+    from .state import CapturedState
+
+    reducers: dict[type, str] = {NodeSource.NodeInfo: "node_info", NodeSource: "node_source",
+                                 CapturedState: "captured_state"}
+    shape_env_data = getattr(_graph_pickler, "_ShapeEnvPickleData", None)
+    if shape_env_data is not None:
+        reducers[shape_env_data] = "shape_env"
+    return type(f"Deterministic{base.__name__}", (_Deterministic, base),
+                {"_reducers": reducers})
 
 
 def share_stack_traces(gm: Any) -> None:
