@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The farm on the GPU machine, in one device call: Ray set up from .devray, a farm of 4
+# warm workers (in a loopback-only network namespace where the machine allows one), a GPU
+# client with its own cache dir checked against stock (outputs; kernels it had to compile
+# itself), then bench/farm.py with K=4 ranks sharing the H200. Results under $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. bench/device_ray_setup.sh
+out="${OUT:-bench/results}"; mkdir -p "$out"
+inner() {
+    ip link set lo up 2>/dev/null
+    state=/tmp/farm-gpu; rm -rf $state
+    python -m fxoffload farm up --workers 4 --state-dir $state 2>&1 | grep -v network_util
+    export FXOFFLOAD_FARM=$(python -c "import json;print(json.load(open('$state/farm.json'))['address'])")
+    export FXOFFLOAD_FARM_KEY_FILE=$state/key
+    for model in gpt2 llama; do
+        timeout 150 python bench/farm_gpu_check.py --model $model --size bench 2>&1 | grep -v network_util | tail -3
+    done
+    python -m fxoffload farm status --state-dir $state 2>&1 | grep -v network_util
+    python -m fxoffload farm down --state-dir $state 2>&1 | grep -v network_util
+    if [[ -n "${FARM_BENCH_ARGS:-}" ]]; then
+        timeout "${FARM_BENCH_TIMEOUT:-300}" python bench/farm.py $FARM_BENCH_ARGS --out "$out/gpu_farm" 2>&1 | grep -v network_util | tail -40
+    fi
+}
+export -f inner
+if command -v ip >/dev/null && unshare --net true 2>/dev/null; then
+    unshare --net -- bash -c inner
+else
+    echo "no network namespace here (unshare refused): this machine reaches nothing outside it"
+    inner
+fi
