@@ -1,7 +1,7 @@
 """A farm client on the GPU with a cache dir of its own: outputs against stock's (computed
 in this process first, in another empty cache dir), and what the client's own cache dir
-gained besides the kernels the farm sent (each such Triton file is a kernel the client
-compiled itself). Prints one JSON line. Needs FXOFFLOAD_FARM and FXOFFLOAD_FARM_KEY_FILE.
+gained besides the kernels the farm sent (a Triton file the client wrote itself is part of
+a kernel it compiled). Prints one JSON line. Needs FXOFFLOAD_FARM and FXOFFLOAD_FARM_KEY_FILE.
 
     python bench/farm_gpu_check.py --model gpt2 --size bench
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,47 +23,53 @@ def main() -> None:
     p.add_argument("--model", default="gpt2")
     p.add_argument("--size", default="bench")
     p.add_argument("--mode", default="farm")
+    p.add_argument("--stock-out", help=argparse.SUPPRESS)  # the stock child: save outputs
     args = p.parse_args()
-    stock_dir, ours_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = stock_dir
+    if args.stock_out is None:
+        # Stock runs in a process of its own: nothing of it (in-memory kernels, cache
+        # dirs) can help the farm client below.
+        stock_out = tempfile.mktemp(suffix=".pt")
+        subprocess.run([sys.executable, __file__, "--model", args.model, "--size",
+                        args.size, "--stock-out", stock_out], check=True,
+                       env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp()})
+    ours_dir = tempfile.mkdtemp()
+    if args.stock_out is None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = ours_dir
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
     from _child import build_model
 
+    torch.manual_seed(0)
+    model, make_inputs = build_model(args.model, args.size, "cuda", torch.bfloat16, False)
+    torch.manual_seed(1)
+    inputs = make_inputs()
+    if args.stock_out:
+        with torch.no_grad():
+            out = torch.compile(model, backend="inductor")(**inputs)
+        torch.save(torch.utils._pytree.tree_leaves(out), args.stock_out)
+        return
     import fxoffload
+    from fxoffload.executors.farm import INSTALLED
     from fxoffload.farm import bundle
 
-    model, make_inputs = build_model(args.model, args.size, "cuda", torch.bfloat16, False)
-    inputs = make_inputs()
-    with torch.no_grad():
-        stock = torch.compile(model, backend="inductor")(**inputs)
-    torch._dynamo.reset()
-    # Our compile in a fresh cache dir (Inductor reads the variable on each lookup).
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = ours_dir
-    from fxoffload._compat import clear_inductor_caches
-
-    clear_inductor_caches()  # Inductor memoizes paths under the old dir
     before = bundle.snapshot({"inductor": Path(ours_dir)})
     start = time.perf_counter()
     with torch.no_grad():
         ours = torch.compile(model, backend=fxoffload.backend(mode=args.mode))(**inputs)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    after = bundle.snapshot({"inductor": Path(ours_dir)})
-    new = [n for n in after if n not in before]
+    new = [n for n in bundle.snapshot({"inductor": Path(ours_dir)}) if n not in before]
+    compiled_here = [n for n in new if "/triton/" in n and n not in INSTALLED]
     stats = fxoffload.stats()
-    triton_new = [n for n in new if "/triton/" in n]
-    s_flat = torch.utils._pytree.tree_leaves(stock)
-    o_flat = torch.utils._pytree.tree_leaves(ours)
-    same = all(torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
-               for a, b in zip(s_flat, o_flat, strict=True) if isinstance(a, torch.Tensor))
+    stock = torch.load(stock_out, weights_only=False)
+    same = all(torch.equal(a, b.to(a.device)) for a, b in zip(
+        torch.utils._pytree.tree_leaves(ours), stock, strict=True)
+        if isinstance(a, torch.Tensor))
     print(json.dumps({"model": args.model, "same_as_stock": same, "first_call_s": seconds,
                       "farm": dict(stats.farm), "fallbacks": dict(stats.fallbacks),
                       "files_installed": stats.farm_files_installed,
-                      "new_files_in_client_cache": len(new),
-                      "triton_files_in_client_cache": len(triton_new)}))
-
+                      "triton_files_written_by_client": len(compiled_here)}))
 
 if __name__ == "__main__":
     main()

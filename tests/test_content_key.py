@@ -165,3 +165,20 @@ def test_stable_ids_stay_in_the_stream(recorded: dict[str, list[Any]]) -> None:
             if n.meta.get("fwd_nn_module_stack")]
     assert [list(s.values()) for s in sent] == [list(s.values()) for s in parent]
     assert all(int(k) < 100 for s in sent for k in s)
+
+
+def test_another_cpu_is_another_key_and_is_refused(recorded: dict[str, list[Any]]) -> None:
+    """C++ kernels are built for the compiling machine's CPU (-march=native): a request
+    from a client on another CPU gets another key, and a worker refuses to build it."""
+    from fxoffload import child
+
+    data = recorded["plain"][0]
+    preamble, body = protocol.split_request(data)
+    assert preamble.host_cpu == protocol.cpu_fingerprint()
+    elsewhere = protocol.join_request(
+        dataclasses.replace(preamble, host_cpu="x86_64-0000000000000000"), body)
+    assert content_key(elsewhere) != content_key(data)
+    raw, ok = child.compile_request_status(elsewhere, in_parent=True)
+    assert not ok
+    response = protocol.decode_response(raw, None)
+    assert response.error is not None and response.error[0] == "cpu_mismatch"

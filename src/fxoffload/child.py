@@ -116,6 +116,10 @@ def _respond(data: bytes, *, in_parent: bool,
         except Exception as e:  # noqa: BLE001 - reported to the parent, not raised here
             return _error("worker_import_failed", f"{type(e).__name__}: {e}",
                           traceback.format_exc())
+    if preamble.host_cpu is not None and preamble.host_cpu != protocol.cpu_fingerprint():
+        return _error("cpu_mismatch", f"this worker's CPU ({protocol.cpu_fingerprint()}) is "
+                      f"not the client's ({preamble.host_cpu}): C++ kernels built here "
+                      "(-march=native) might not run there")
     try:
         ensure_process_groups(preamble.process_groups)
     except Exception as e:  # noqa: BLE001 - reported to the parent, not raised here

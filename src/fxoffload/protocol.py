@@ -10,9 +10,12 @@ A response's payload is a GraphPickler stream of ``CompileResponse``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 import os
 import pickle
+import platform
 import socket
 import sys
 import time
@@ -41,6 +44,9 @@ class Preamble:
     # {name: size} of the process groups its collectives name: the worker makes
     # stand-ins (same for every rank, so ranks share one compile).
     process_groups: dict[str, int] = dataclasses.field(default_factory=dict)
+    # The client's CPU (architecture and feature flags) when the graph runs on it: C++
+    # kernels are built with -march=native, so a worker on another CPU must not build them.
+    host_cpu: str | None = None
 
 
 @dataclasses.dataclass
@@ -81,6 +87,28 @@ def ran_here(response: CompileResponse) -> bool:
     """Whether this very process compiled ``response`` (serde, capture): its metrics and
     counters moved here already."""
     return response.pid == os.getpid() and response.host == this_host()
+
+
+@functools.cache
+def cpu_fingerprint() -> str:
+    """This machine's architecture and CPU feature flags, hashed (``/proc/cpuinfo``)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("flags", "Features"):
+                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                    break
+    except OSError:
+        pass
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:16]
+    return f"{platform.machine()}-{digest}"
+
+
+def _runs_on_cpu(example_inputs: list[Any]) -> bool:
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    return not devices or "cpu" in devices
 
 
 def _cache_dirs() -> tuple[str | None, str | None]:
@@ -140,6 +168,7 @@ def encode_request(request: CompileRequest, *, extra_imports: tuple[str, ...] = 
         triton_cache_dir=triton_dir,
         summary=summarize(request.gm, list(request.example_inputs), request.graph_kwargs),
         process_groups=process_group_sizes(request.gm),
+        host_cpu=cpu_fingerprint() if _runs_on_cpu(request.example_inputs) else None,
     )
     return join_request(preamble, body)
 

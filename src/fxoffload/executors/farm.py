@@ -147,8 +147,14 @@ def _install_files(blob: bytes) -> bytes:
     except (ValueError, OSError) as e:
         raise ProtocolError(f"the farm's kernel bundle could not be installed: {e}",
                             reason="farm_bundle_failed") from e
-    STATS.add(farm_files_installed=written)
+    INSTALLED.update(written)
+    STATS.add(farm_files_installed=len(written))
     return raw
+
+
+# Names ("inductor/…", "triton/…") of the kernel files this process took from the farm
+# (diagnostics: bench/farm_gpu_check.py tells them from kernels compiled here).
+INSTALLED: set[str] = set()
 
 
 def _to_triton(name: str) -> str:

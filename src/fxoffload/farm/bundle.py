@@ -79,10 +79,10 @@ def unpack(blob: bytes) -> tuple[bytes, dict[str, bytes]]:
     return response, files
 
 
-def write_into(dirs: dict[str, Path], files: dict[str, bytes]) -> int:
-    """Write the files the client lacks (atomically); how many were written. A name that
+def write_into(dirs: dict[str, Path], files: dict[str, bytes]) -> list[str]:
+    """Write the files the client lacks (atomically); the names written. A name that
     would leave its cache dir is refused."""
-    written = 0
+    written: list[str] = []
     for name, data in files.items():
         root, _, rel = name.partition("/")
         base = dirs.get(root)
@@ -104,5 +104,5 @@ def write_into(dirs: dict[str, Path], files: dict[str, bytes]) -> int:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        written += 1
+        written.append(name)
     return written
