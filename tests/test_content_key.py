@@ -67,21 +67,19 @@ def _keys(capture: Path) -> list[tuple[str, str]]:
 
 @pytest.mark.slow
 def test_fresh_processes_agree_graph_by_graph(tmp_path: Path) -> None:
+    # A config change giving other keys is checked in this process (test_config_and_noise).
     runs = {}
-    for batch in (("a", "same", "1"), ("b", "same", "2")), (("c", "config", "3"),):
-        started = [(name, *_start(tmp_path, name, variant, seed))
-                   for name, variant, seed in batch]  # two at a time: two cores
-        for name, proc, capture in started:
-            _, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, err[-3000:]
-            runs[name] = _keys(capture)
-    a, b, c = runs["a"], runs["b"], runs["c"]
+    started = [(name, *_start(tmp_path, name, "same", seed))
+               for name, seed in (("a", "1"), ("b", "2"))]  # two at a time: two cores
+    for name, proc, capture in started:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        runs[name] = _keys(capture)
+    a, b = runs["a"], runs["b"]
     kinds = [kind for kind, _ in a]
     assert kinds == ["forward", "backward", "inference", "forward", "backward"]
     assert a == b  # same key for each graph, other pid, cache dir, hash seed, sys.path
     assert len({key for _, key in a}) == len(a)  # five graphs, five keys
-    assert [k for k, _ in c] == kinds
-    assert all(x != y for (_, x), (_, y) in zip(a, c, strict=True)), "fallback_random"
 
 
 @pytest.fixture(scope="module")

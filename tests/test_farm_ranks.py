@@ -18,9 +18,8 @@ HERE = Path(__file__).parent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["async+farm", "farm"])
-def test_ranks_share_one_compile_and_stay_in_step(farm: Any, tmp_path: Path,
-                                                   mode: str) -> None:
+def test_ranks_share_one_compile_and_stay_in_step(farm: Any, tmp_path: Path) -> None:
+    mode = "async+farm"  # the schedule that could let ranks drift apart; sync cannot
     farm.reset()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
