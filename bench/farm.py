@@ -81,6 +81,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from first_call import _csv  # bench/ is this script's directory
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULT_MARKER = "FARM_BENCH_RESULT "
@@ -938,18 +940,6 @@ def markdown(summary: dict[str, list[dict[str, Any]]], tg: list[dict[str, Any]],
 
 # ---------------------------------------------------------------------------------------
 # the parent
-
-
-def _csv(allowed: tuple[str, ...]) -> Any:
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in allowed]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: choose from {', '.join(allowed)} (comma-separated)")
-        return list(dict.fromkeys(items))
-
-    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

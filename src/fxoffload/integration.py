@@ -207,7 +207,9 @@ def _check_farm(settings: Settings) -> None:
     from . import farm, signing
 
     farm.import_ray()
-    key_file = settings.farm_key or signing.default_key_path()
+    from .executors.farm import key_file_of
+
+    key_file = key_file_of(settings)
     signing.load_key(key_file)
     farm.resolve_address(settings.farm, key_file)
 

@@ -53,7 +53,7 @@ class FarmExecutor(Executor):
             from .. import farm
             from ..farm.actors import NAMESPACE, REGISTRY_NAME
 
-            key_file = self._settings.farm_key or signing.default_key_path()
+            key_file = key_file_of(self._settings)
             try:
                 self._key = signing.load_key(key_file)
                 address = farm.resolve_address(self._settings.farm, key_file)
@@ -162,3 +162,8 @@ def _to_triton(name: str) -> str:
     if len(parts) == 4 and parts[:2] == ["inductor", "triton"]:
         return f"triton/{parts[3]}"
     return name
+
+
+def key_file_of(settings: Settings) -> Path:
+    """The farm key file these settings name (``signing``'s default when unset)."""
+    return settings.farm_key or signing.default_key_path()

@@ -43,8 +43,9 @@ def _state_dir(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from . import deploy
+    from . import state_dir as default_state_dir
 
-    state_dir = Path(args.state_dir) if args.state_dir else deploy._default_state_dir()
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     try:
         if args.farm_command == "up":
             if args.workers < 1:

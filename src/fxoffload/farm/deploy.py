@@ -28,6 +28,7 @@ from typing import Any
 from .. import signing
 from ..errors import ConfigError, FarmUnavailable
 from . import STATE_FILE, TOKEN_FILE, connect, import_ray, preserved_process_state, read_state
+from . import state_dir as default_state_dir
 from .actors import NAMESPACE, REGISTRY_NAME, Registry
 
 DEFAULT_STORE_BYTES = 4 << 30
@@ -114,7 +115,7 @@ def _teardown(state: dict[str, Any], ray: Any) -> dict[str, Any]:
     address = state.get("address")
     if address:
         try:
-            connect(address, Path(state.get("state_dir") or _default_state_dir()))
+            connect(address, Path(state.get("state_dir") or default_state_dir()))
             registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
             actors = ray.get(registry.shutdown.remote(), timeout=30)
             ray.kill(registry, no_restart=True)
@@ -132,10 +133,6 @@ def _teardown(state: dict[str, Any], ray: Any) -> dict[str, Any]:
     if state.get("work_dir"):
         shutil.rmtree(state["work_dir"], ignore_errors=True)
     return {"actors": actors, "processes": processes}
-
-
-def _default_state_dir() -> Path:
-    return signing.default_key_path().parent
 
 
 def _start_head(state_dir: Path, farm_id: str, host: str, cpus: int) -> tuple[str, str]:
