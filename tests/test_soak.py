@@ -1,12 +1,12 @@
-"""Soak: compiles (200 in the full run, 40 in CI) through a pool of two workers, one of them
-SIGKILLed about every 10 jobs, at a random moment. Every result is correct, nothing hangs
+"""Soak: compiles (200 in the full run, 30 in CI) through a pool of two workers, one of them
+SIGKILLed about every 8 jobs, at a random moment. Every result is correct, nothing hangs
 (a hard time limit), every kill is noticed, counted and the worker replaced, no C++ build
 is left half-written in the Inductor cache, and no process (nor anything in a worker's
 process group) is left after shutdown.
 
 Each compile is a distinct graph (its constant differs), so each one is a real Inductor
 compile with its own C++ kernel build, in the worker or, after a kill mid-compile, in the
-in-process fallback. CI runs 40 compiles (2-5 kills, about 1.5 minutes on the 2-core
+in-process fallback. CI runs 30 compiles (2-4 kills, about a minute on the 2-core
 machine); FXOFFLOAD_SOAK=1 runs the full 200 (5.5-6.5 minutes there: about 1.1 s of C++
 build per compile, one at a time), FXOFFLOAD_SOAK_N sets any number, FXOFFLOAD_SOAK_SEED
 the random seed (default: a new one, printed on failure). It found a real bug: the pool
@@ -101,7 +101,7 @@ def test_soak_with_random_worker_kills(monkeypatch: pytest.MonkeyPatch) -> None:
     # that finds its worker dead (killed while idle) waits for that much, not ~15 s.
     monkeypatch.setenv("FXOFFLOAD_WORKER_WARMUP", "0")
     full = os.environ.get("FXOFFLOAD_SOAK") == "1"
-    n = int(os.environ.get("FXOFFLOAD_SOAK_N") or (200 if full else 40))
+    n = int(os.environ.get("FXOFFLOAD_SOAK_N") or (200 if full else 30))
     seed = int(os.environ.get("FXOFFLOAD_SOAK_SEED") or random.randrange(2**32))
     rng = random.Random(seed)
     where = f"(FXOFFLOAD_SOAK_SEED={seed})"
@@ -141,13 +141,13 @@ def test_soak_with_random_worker_kills(monkeypatch: pytest.MonkeyPatch) -> None:
         seen.update(pool.worker_pids())
 
     start, cpu0 = time.monotonic(), _cpu_s()
-    next_kill = rng.randint(5, 14)
+    next_kill = rng.randint(4, 9)
     try:
         for i in range(n):
             if i == next_kill and i < n - 5:  # the last kills still have jobs after them
                 timers.append(threading.Timer(rng.uniform(0.0, 1.0), kill_one))
                 timers[-1].start()
-                next_kill += rng.randint(6, 14)
+                next_kill += rng.randint(5, 10)
             compile_and_check(i)
         for timer in timers:
             timer.join()
@@ -169,7 +169,7 @@ def test_soak_with_random_worker_kills(monkeypatch: pytest.MonkeyPatch) -> None:
           f"load {os.getloadavg()[0]:.1f}, {where}, "
           f"{snap.as_dict()}")
     total = n + extra
-    assert len(killed) == len(timers) >= n // 14, where
+    assert len(killed) == len(timers) >= n // 10, where
     assert len(set(killed)) == len(killed), where  # each victim was a live worker
     # Every kill was noticed once, as a SIGKILL, and its worker replaced.
     assert sorted(e.pid for e in crashes.errors) == sorted(killed), where

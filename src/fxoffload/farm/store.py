@@ -49,6 +49,10 @@ class ArtifactStore:
         data = self._entries.get(key)
         if data is not None:
             self._entries.move_to_end(key)
+            if self.directory is not None:
+                # a restarted farm orders entries by mtime: a read counts as a use
+                with contextlib.suppress(OSError):
+                    os.utime(self._path(key))
         return data
 
     def put(self, key: str, data: bytes) -> None:
