@@ -85,7 +85,9 @@ def warmup(settings: Settings | None = None, *, wait: bool = True, device: str |
 
     executor = get_executor(settings or Settings.resolve(**kwargs))
     executor.warmup(wait=False)
-    prepare_parent(device)
+    # Out of process, the parent takes the worker's CPU vector-ISA probe result when it
+    # loads the first graph (offload.load): no probe builds here.
+    prepare_parent(device, probe_cpu_isa=executor.name not in ("subprocess", "farm"))
     if wait:
         executor.warmup(wait=True)
 

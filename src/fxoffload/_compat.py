@@ -375,3 +375,33 @@ def ensure_process_groups(sizes: dict[str, int]) -> None:
 
 
 _stand_in_groups: dict[str, Any] = {}
+
+
+def vec_isa_names() -> tuple[str, ...]:
+    """This process's usable CPU vector ISAs, as Inductor's probes found them."""
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    return tuple(str(isa) for isa in valid_vec_isa_list())
+
+
+def adopt_vec_isa(names: tuple[str, ...]) -> bool:
+    """Take another process's probe result (``vec_isa_names``) as this one's, when this
+    process has not probed yet and its CPU reports the same ISAs.
+
+    Loading compiled CPU code asks for the usable ISAs first; Inductor finds them by
+    building and loading a probe library per ISA (about 9 s in a fresh cache dir, 1.2 s
+    in a warm one, on the 2-core CI machine). ``cpp.vec_isa_ok=True`` makes Inductor take
+    the ISAs the CPU's flags report without probing; kept only when that list is exactly
+    what the compiling process's probes found (same CPU, a compiler that builds them all),
+    else forgotten, and this process probes as stock does. Returns whether it adopted."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    if valid_vec_isa_list.cache_info().currsize:
+        return False  # probed (or adopted) already
+    with config.patch({"cpp.vec_isa_ok": True}):
+        flags_say = tuple(str(isa) for isa in valid_vec_isa_list())
+    if flags_say != tuple(names):
+        valid_vec_isa_list.cache_clear()
+        return False
+    return True

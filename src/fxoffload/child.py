@@ -26,7 +26,12 @@ from typing import Any
 import torch
 
 from . import kernel_reuse, protocol
-from ._compat import clear_inductor_caches, ensure_process_groups, no_save_output_code
+from ._compat import (
+    clear_inductor_caches,
+    ensure_process_groups,
+    no_save_output_code,
+    vec_isa_names,
+)
 from .protocol import CompileResponse, Preamble
 from .state import captured_logs, restored
 
@@ -133,6 +138,10 @@ def _respond(data: bytes, *, in_parent: bool,
             "module that registers them in worker_imports / FXOFFLOAD_WORKER_IMPORTS",
         )
     response = _compile(body)
+    if preamble.host_cpu is not None and response.error is None and not in_parent:
+        # What this CPU's vector ISAs probed to (cached by now): the parent, on a CPU with
+        # the same flags, adopts it instead of building its own probes (1-9 s cold).
+        response.vec_isa = vec_isa_names()
     if in_parent and response.graph is not None:
         # The parent's load of this very response can take the kernels just loaded.
         kernel_reuse.remember(response.graph)

@@ -301,11 +301,12 @@ def start_background(settings: Settings) -> None:
 _prepared: set[str] = set()
 
 
-def prepare_parent(device: str | None = None) -> None:
+def prepare_parent(device: str | None = None, *, probe_cpu_isa: bool = True) -> None:
     """Do now, once, the parent's share of a first compile that does not depend on the
     graph: import Inductor's compile path, register the joint-graph patterns for
     ``device``, hash torch's sources and read the system info (the FX cache key's parts);
-    on the CPU, probe the vector ISAs that loading compiled code checks first.
+    on the CPU, probe the vector ISAs that loading compiled code checks first (unless
+    ``probe_cpu_isa`` is False: a worker's result will be adopted instead).
     About 1.5-2 s of a cold process that would otherwise fall on the first call, which
     matters most in async modes, where that call should cost little more than eager.
 
@@ -333,7 +334,7 @@ def prepare_parent(device: str | None = None) -> None:
         ("system info", _system_info),
         ("joint-graph patterns", lambda: _joint_graph_patterns(dev)),
     ]
-    if dev.type == "cpu":  # loading compiled CPU code probes the CPU's vector ISAs first
+    if dev.type == "cpu" and probe_cpu_isa:  # loading compiled CPU code probes them first
         steps.append(("CPU vector ISAs", _cpu_isa))
     for name, step in steps:
         try:

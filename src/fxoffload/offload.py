@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import kernel_reuse, protocol, timeline
+from . import _compat, kernel_reuse, protocol, timeline
 from .errors import FxOffloadError, NotOffloadable, RemoteCompileError
 from .executors import get_executor
 from .settings import Settings
@@ -180,6 +180,8 @@ def load(response: protocol.CompileResponse, gm: torch.fx.GraphModule) -> Any:
 
     if response.loaded is None:
         graph = response.graph
+        if response.vec_isa is not None and _compat.adopt_vec_isa(response.vec_isa):
+            STATS.add(vec_isa_adopted=1)
         if isinstance(graph, CompiledFxGraph):
             loaded = object.__new__(type(graph))
             loaded.__dict__.update(graph.__dict__)

@@ -74,6 +74,9 @@ class CompileResponse:
     compile_s: float
     # The compiling process is (host, pid): pids of two machines (a farm) collide.
     host: str = dataclasses.field(default_factory=lambda: this_host())
+    # The compiling process's usable CPU vector ISAs (Inductor's probe result), for a CPU
+    # graph compiled in another process (see ``_compat.adopt_vec_isa``).
+    vec_isa: tuple[str, ...] | None = None
     # The graph loaded in the parent (``offload.load``), a copy: ``graph`` itself stays
     # ready to pickle for the FX graph cache entry. Never sent.
     loaded: Any = None

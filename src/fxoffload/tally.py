@@ -46,6 +46,8 @@ class Snapshot:
     # (the farm's store had it).
     farm: MappingProxyType[str, int]
     farm_files_installed: int  # compiled kernels the farm sent that this process lacked
+    # 1 when this process took a worker's CPU vector ISA probe result instead of probing
+    vec_isa_adopted: int
 
     @property
     def fallback_count(self) -> int:
@@ -89,6 +91,7 @@ class Stats:
             self.kernels_reused = 0
             self.farm: Counter[str] = Counter()
             self.farm_files_installed = 0
+            self.vec_isa_adopted = 0
 
     def add(self, **amounts: float) -> None:
         with self._lock:
@@ -141,6 +144,7 @@ class Stats:
                 kernels_reused=self.kernels_reused,
                 farm=MappingProxyType(dict(self.farm)),
                 farm_files_installed=self.farm_files_installed,
+                vec_isa_adopted=self.vec_isa_adopted,
             )
 
 

@@ -1,0 +1,62 @@
+"""A parent that loads a CPU graph compiled by a worker takes the worker's vector-ISA
+probe result (same CPU flags) instead of building probe libraries of its own, about 9 s
+in a fresh cache dir on the CI machine; a result that does not match what this CPU's
+flags say is not taken, and the process probes as stock does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+_LOAD = textwrap.dedent("""
+    import sys, torch, fxoffload
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+    from fxoffload import _compat
+
+    fxoffload.warmup(wait=True)  # FXOFFLOAD_MODE=subprocess: no probes in the parent
+
+    def f(x):
+        return torch.nn.functional.gelu(x) * 2 + x.sum(-1, keepdim=True)
+
+    x = torch.randn(16, 32)
+    assert valid_vec_isa_list.cache_info().currsize == 0, "probed before the load"
+    out = torch.compile(f, backend="fxoffload")(x)
+    torch.testing.assert_close(out, f(x))
+    stats = fxoffload.stats()
+    assert stats.graphs_offloaded == 1 and stats.fallbacks == {}, stats
+    print("adopted", stats.vec_isa_adopted, [str(i) for i in valid_vec_isa_list()])
+    fxoffload.shutdown()
+""")
+
+_MISMATCH = textwrap.dedent("""
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+    from fxoffload import _compat
+
+    assert _compat.adopt_vec_isa(("no such isa",)) is False
+    assert valid_vec_isa_list.cache_info().currsize == 0  # left for a real probe
+    names = _compat.vec_isa_names()  # probes, as stock
+    assert _compat.adopt_vec_isa(names) is False  # probed already: nothing to adopt
+    print("ok")
+""")
+
+
+def _run(code: str, tmp_path: Path) -> str:
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "PATH": "/usr/bin:/bin",
+           "FXOFFLOAD_MODE": "subprocess", "FXOFFLOAD_WORKERS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_the_parent_adopts_the_workers_probe_result(tmp_path: Path) -> None:
+    out = _run(_LOAD, tmp_path)
+    assert "adopted 1 [" in out, out
+    # whatever the worker found, the parent now uses it: a non-empty list on x86/arm CI
+    assert "adopted 1 []" not in out, out
+
+
+def test_a_result_this_cpu_does_not_report_is_not_adopted(tmp_path: Path) -> None:
+    assert _run(_MISMATCH, tmp_path).strip() == "ok"
