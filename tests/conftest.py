@@ -57,6 +57,10 @@ def _fresh_compile_state():
 def _shutdown_pools():
     yield
     fxoffload.shutdown()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # here, not in a session fixture: --collect-only runs no fixture and left the dir
     if _OWN_CACHE_DIR is not None:
         shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
