@@ -35,8 +35,10 @@ def main() -> None:
         fxoffload.wait(timeout=300)
         result = step(compiled, x)
     seconds = time.perf_counter() - start
-    torch.save({"result": result, "stats": fxoffload.stats().as_dict(), "seconds": seconds},
-               out_path)
+    from fxoffload.executors.farm import INSTALLED
+
+    torch.save({"result": result, "stats": fxoffload.stats().as_dict(), "seconds": seconds,
+                "installed": sorted(INSTALLED)}, out_path)
 
 
 if __name__ == "__main__":

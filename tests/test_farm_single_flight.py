@@ -62,8 +62,14 @@ def test_three_clients_one_compile_per_graph(farm: Any, tmp_path: Path) -> None:
     outcomes = [r["stats"]["farm"] for r in results]
     assert sum(o.get("compiled", 0) for o in outcomes) == 2, outcomes
     assert all(r["stats"]["graphs_offloaded"] == 2 for r in results)
-    # every client got the compiled kernels with the response (none compiled its own)
+    # every client got the compiled kernels with the response, and the worker's CPU
+    # vector-ISA probes: no client built a library of its own
     assert all(r["stats"]["farm_files_installed"] > 0 for r in results)
+    for i, r in enumerate(results):
+        built = {f"inductor/{p.relative_to(tmp_path / f'cache{i}')}"
+                 for p in (tmp_path / f"cache{i}").rglob("*.so")}
+        assert built and built <= set(r["installed"]), built - set(r["installed"])
+        assert r["stats"]["vec_isa_adopted"] == 1
     # the farm was started with --store: what it compiled is on disk for a restarted farm
     assert len(list((farm.state_dir / "store").glob("*/*.fxr"))) >= 2
 

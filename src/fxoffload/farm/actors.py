@@ -56,8 +56,17 @@ class CompileWorker:
 
         self._child = child
         self.phases: dict[str, float] = {"import_s": time.perf_counter() - start}
+        from . import bundle
+
+        before = bundle.snapshot({"inductor": self._cache})
         if warm:
             worker._warm_up(self.phases, compile=True, request_waiting=lambda: False)
+        # The C++ the warm-up built: mostly Inductor's CPU vector-ISA probe libraries,
+        # which a CPU client with a cache dir of its own would otherwise build before it
+        # loads anything (1-9 s). Sent with every CPU graph's response (about 180 KB).
+        self._toolchain = {name: data for name, data in
+                           bundle.new_files({"inductor": self._cache}, before).items()
+                           if name.endswith((".cpp", ".so"))}
         self.startup_s = time.perf_counter() - start
         self.compiles = 0
 
@@ -79,6 +88,10 @@ class CompileWorker:
         # A kernel this worker compiled for an earlier graph is not rewritten, so not
         # sent: a client that lacks it compiles it (correct, only slower).
         files = bundle.new_files(dirs, before) if ok else {}
+        from .. import protocol
+
+        if ok and self._toolchain and protocol.split_request(data)[0].host_cpu is not None:
+            files = {**self._toolchain, **files}
         self.compiles += 1
         blob = bundle.pack(raw, files)
         return ok, signing.sign(self._key, blob, purpose=RESPONSE), time.perf_counter() - start
