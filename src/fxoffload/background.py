@@ -27,7 +27,6 @@ re-layout tensors saved for backward, and the backward is compiled against eager
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 import threading
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 from torch._inductor.output_code import OutputCode
 
-from . import cpu_threads, isolation, offload, progress, protocol, timeline
+from . import cpu_threads, eager, isolation, offload, progress, protocol, timeline
 from ._compat import write_fx_cache_entry
 from .errors import FxOffloadError, NotOffloadable, PoolClosed
 from .executors import get_executor
@@ -88,11 +87,6 @@ def pin_output_strides(gm: torch.fx.GraphModule) -> None:
         i for i, n in enumerate(outputs) if isinstance(n, torch.fx.Node)]
 
 
-def eager_output(gm: torch.fx.GraphModule) -> BackgroundOutput:
-    """An output that runs ``gm`` eagerly for good (``on_failure="eager"``)."""
-    return BackgroundOutput(None, gm, {}, None, None, on_cpu=False)
-
-
 class _Stage:
     def __init__(self, index: int, overrides: dict[str, Any], request: bytes) -> None:
         self.index = index
@@ -138,12 +132,8 @@ class BackgroundOutput(OutputCode):
         if compiled is not None:
             STATS.add(compiled_runs=1)
             return compiled(args)
-        STATS.add(eager_runs=1)
-        inputs = list(args)
-        args.clear()  # the boxed convention: the callee frees its inputs
-        threads = cpu_threads.beside_workers() if self._on_cpu else contextlib.nullcontext()
-        with torch.no_grad(), threads:
-            return self._gm(*inputs)
+        return eager.run(self._gm, args,
+                         cpu_threads.beside_workers() if self._on_cpu else None)
 
     def post_compile(self, example_inputs: Sequence[Any], constants: Any,
                      graph_kwargs: Any) -> None:

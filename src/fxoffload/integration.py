@@ -79,6 +79,14 @@ def _hook(gm: Any, example_inputs: Any, inputs_to_check: Any,
                          compile_region_name=compile_region_name, **graph_kwargs)
     from . import offload
 
+    if offload.has_collectives(gm):
+        settings = offload.in_step(settings)
+    if settings.background:
+        from .background import compile_in_background
+
+        return compile_in_background(settings, offload.current_fake_mode(example_inputs), gm,
+                                     example_inputs, inputs_to_check, graph_kwargs,
+                                     compile_region_name)
     return offload.compile(settings, gm, example_inputs, inputs_to_check, graph_kwargs,
                            compile_region_name)
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from . import _compat, kernel_reuse, protocol, timeline
+from .eager import EagerOutput
 from .errors import FxOffloadError, NotOffloadable, RemoteCompileError
 from .executors import get_executor
 from .settings import Settings
@@ -197,14 +198,11 @@ def load(response: protocol.CompileResponse, gm: torch.fx.GraphModule) -> Any:
 def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
             inputs_to_check: Sequence[int], graph_kwargs: dict[str, Any],
             compile_region_name: str | None) -> Any:
+    """A synchronous compile through ``settings``' executor (background modes:
+    ``background.compile_in_background``; ``integration`` picks)."""
+    assert not settings.background
     args = (gm, example_inputs, inputs_to_check, graph_kwargs, compile_region_name)
     fake_mode = current_fake_mode(example_inputs)
-    if has_collectives(gm):
-        settings = in_step(settings)
-    if settings.background:
-        from .background import compile_in_background
-
-        return compile_in_background(settings, fake_mode, *args)
     executor = get_executor(settings)
     if not executor.ready_now():
         # No warm worker is free: waiting for one would make this compile slower than
@@ -275,10 +273,8 @@ def handle_failure(settings: Settings, reason: str, error: FxOffloadError,
 
         raise surfaced(error)
     if settings.on_failure == "eager":
-        from .background import eager_output
-
         note_failure(reason, error, "running the graph eagerly instead")
-        return eager_output(args[0])
+        return EagerOutput(args[0])
     return fall_back(reason, error, *args)
 
 
