@@ -169,7 +169,7 @@ def test_soak_with_random_worker_kills(monkeypatch: pytest.MonkeyPatch) -> None:
           f"load {os.getloadavg()[0]:.1f}, {where}, "
           f"{snap.as_dict()}")
     total = n + extra
-    assert len(killed) == len(timers) >= n // 10, where
+    assert len(killed) == len(timers) >= n // 14, where  # 2 for CI's 30: kills at <= 9, <= 19
     assert len(set(killed)) == len(killed), where  # each victim was a live worker
     # Every kill was noticed once, as a SIGKILL, and its worker replaced.
     assert sorted(e.pid for e in crashes.errors) == sorted(killed), where
