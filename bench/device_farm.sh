@@ -13,10 +13,17 @@ inner() {
     python -m fxoffload farm up --workers 4 --state-dir $state 2>&1 | grep -v network_util
     export FXOFFLOAD_FARM=$(python -c "import json;print(json.load(open('$state/farm.json'))['address'])")
     export FXOFFLOAD_FARM_KEY_FILE=$state/key
-    for model in gpt2 llama; do
+    for model in ${FARM_CHECK_MODELS:-gpt2 llama}; do
         timeout 150 python bench/farm_gpu_check.py --model $model --size bench 2>&1 | grep -v network_util | tail -3
     done
     python -m fxoffload farm status --state-dir $state 2>&1 | grep -v network_util
+    python -m fxoffload farm down --state-dir $state 2>&1 | grep -v network_util
+    # Kernels a worker built for an earlier graph reach a client of a later one.
+    python -m fxoffload farm up --workers 1 --state-dir $state 2>&1 | grep -v network_util
+    export FXOFFLOAD_FARM=$(python -c "import json;print(json.load(open('$state/farm.json'))['address'])")
+    for model in mlp2 mlp3; do
+        timeout 150 python bench/farm_gpu_check.py --model $model 2>&1 | grep -v network_util | tail -3
+    done
     python -m fxoffload farm down --state-dir $state 2>&1 | grep -v network_util
     if [[ -n "${FARM_BENCH_ARGS:-}" ]]; then
         timeout "${FARM_BENCH_TIMEOUT:-300}" python bench/farm.py $FARM_BENCH_ARGS --out "$out/gpu_farm" 2>&1 | grep -v network_util | tail -40

@@ -4,6 +4,10 @@ gained besides the kernels the farm sent (a Triton file the client wrote itself 
 a kernel it compiled). Prints one JSON line. Needs FXOFFLOAD_FARM and FXOFFLOAD_FARM_KEY_FILE.
 
     python bench/farm_gpu_check.py --model gpt2 --size bench
+
+``--model mlp2`` then ``--model mlp3`` on a farm of one worker: the second graph is new,
+but its kernels are the first's; the worker sends them again (by the kernel names its
+compile loaded), so the second client compiles no kernel either.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def main() -> None:
@@ -41,7 +46,16 @@ def main() -> None:
     from _child import build_model
 
     torch.manual_seed(0)
-    model, make_inputs = build_model(args.model, args.size, "cuda", torch.bfloat16, False)
+    if args.model.startswith("mlp"):  # mlp<N>: N equal layers, the same kernels for any N
+        layers = [torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(),
+                                      torch.nn.LayerNorm(256)) for _ in range(int(args.model[3:]))]
+        model = torch.nn.Sequential(*layers).cuda().to(torch.bfloat16)
+
+        def make_inputs() -> dict[str, torch.Tensor]:
+            return {"input": torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)}
+    else:
+        model, make_inputs = build_model(args.model, args.size, "cuda", torch.bfloat16,
+                                         False)
     torch.manual_seed(1)
     inputs = make_inputs()
     if args.stock_out:
@@ -62,6 +76,19 @@ def main() -> None:
     new = [n for n in bundle.snapshot({"inductor": Path(ours_dir)}) if n not in before]
     compiled_here = [n for n in new if "/triton/" in n and n not in INSTALLED]
     stats = fxoffload.stats()
+    # A kernel the client compiled though the farm sent one of the same name: how the two
+    # builds' Triton metadata differ (options, specialization, target).
+    differs: dict[str, Any] = {}
+    for name in compiled_here:
+        if not name.endswith(".json") or "/__grp__" in name:
+            continue
+        base = name.rsplit("/", 1)[1]
+        sent = [n for n in INSTALLED if n.endswith("/" + base)]
+        if sent:
+            mine = json.loads((Path(ours_dir) / name.split("/", 1)[1]).read_text())
+            theirs = json.loads((Path(ours_dir) / sent[0].split("/", 1)[1]).read_text())
+            differs[base] = {k: [theirs.get(k), mine.get(k)] for k in sorted(
+                set(mine) | set(theirs)) if mine.get(k) != theirs.get(k) and k != "hash"}
     stock = torch.load(stock_out, weights_only=False)
     same = all(torch.equal(a, b.to(a.device)) for a, b in zip(
         torch.utils._pytree.tree_leaves(ours), stock, strict=True)
@@ -69,7 +96,8 @@ def main() -> None:
     print(json.dumps({"model": args.model, "same_as_stock": same, "first_call_s": seconds,
                       "farm": dict(stats.farm), "fallbacks": dict(stats.fallbacks),
                       "files_installed": stats.farm_files_installed,
-                      "triton_files_written_by_client": len(compiled_here)}))
+                      "triton_files_written_by_client": len(compiled_here),
+                      "kernels_rebuilt_by_client": differs}))
 
 if __name__ == "__main__":
     main()

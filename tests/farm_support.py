@@ -18,14 +18,10 @@ from typing import Any
 
 import pytest
 
+from fxoffload.farm.deploy import loopback_only
+
 FXOFFLOAD = [sys.executable, "-m", "fxoffload"]
 _connected_to: str | None = None
-
-
-def loopback_only() -> bool:
-    names = [line.split(":", 1)[0].strip()
-             for line in Path("/proc/net/dev").read_text().splitlines()[2:]]
-    return names == ["lo"]
 
 
 def require_farm_environment() -> None:

@@ -176,7 +176,7 @@ def test_another_cpu_is_another_key_and_is_refused(recorded: dict[str, list[Any]
     elsewhere = protocol.join_request(
         dataclasses.replace(preamble, host_cpu="x86_64-0000000000000000"), body)
     assert content_key(elsewhere) != content_key(data)
-    raw, ok = child.compile_request_status(elsewhere, in_parent=True)
-    assert not ok
+    raw, status = child.compile_request_status(elsewhere, in_parent=True)
+    assert status.error is not None
     response = protocol.decode_response(raw, None)
     assert response.error is not None and response.error[0] == "cpu_mismatch"

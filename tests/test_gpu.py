@@ -114,8 +114,14 @@ SCRIPT = textwrap.dedent("""
     m = m.cuda()
     backend = "inductor" if sys.argv[1] == "stock" else fxoffload.backend(
         mode=sys.argv[1], workers=1)
+    if sys.argv[1] == "subprocess":  # cold, a sync compile would run in-process
+        fxoffload.warmup(mode="subprocess", workers=1)
     with torch.no_grad():
-        out = torch.compile(m, backend=backend)(torch.ones(8, 64, device="cuda"))
+        f = torch.compile(m, backend=backend)
+        out = f(torch.ones(8, 64, device="cuda"))
+        if sys.argv[1].startswith("async"):  # the cache entry is written on arrival
+            assert fxoffload.wait(300)
+            out = f(torch.ones(8, 64, device="cuda"))
     print(json.dumps({"inductor": dict(counters["inductor"]),
                       "offloaded": fxoffload.stats().graphs_offloaded,
                       "sum": out.sum().item()}))
@@ -131,7 +137,7 @@ def _run(kind: str, cache: str, triton: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "async+subprocess", "async+serde"])
 def test_worker_triton_kernels_reach_the_parents_cache_entry(mode: str, tmp_path: Any) -> None:
     stock = _run("stock", str(tmp_path / "stock"), str(tmp_path / "t-stock"))
     first = _run(mode, str(tmp_path / "ours"), str(tmp_path / "t1"))

@@ -87,7 +87,7 @@ def warmup(settings: Settings | None = None, *, wait: bool = True, device: str |
     executor.warmup(wait=False)
     # Out of process, the parent takes the worker's CPU vector-ISA probe result when it
     # loads the first graph (offload.load): no probe builds here.
-    prepare_parent(device, probe_cpu_isa=executor.name not in ("subprocess", "farm"))
+    prepare_parent(device, probe_cpu_isa=not executor.out_of_process)
     if wait:
         executor.warmup(wait=True)
 
@@ -102,7 +102,18 @@ def wait(timeout: float | None = None) -> bool:
 
 
 def shutdown(*, wait: bool = True) -> None:
-    """Stop every executor (worker pools) this process started."""
+    """Stop every executor (worker pools) this process started, and put back what
+    fxoffload replaced in torch (``patches``) that nothing running still needs. A backend
+    made before keeps working: its next compile installs the hook again."""
+    import sys
+
     from .executors import shutdown_all
 
     shutdown_all(wait=wait)
+    if "fxoffload.integration" not in sys.modules:  # nothing was ever installed
+        return
+    from . import _compat, integration, isolation
+
+    integration.release()
+    if isolation.uninstall():  # no thread of ours runs: none reads a private config
+        _compat.uninstall_overlay()

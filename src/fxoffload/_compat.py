@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from . import patches
+
 log = logging.getLogger(__name__)
 
 SUPPORTED = ((2, 11), (2, 13))
@@ -232,7 +234,7 @@ def config_snapshot() -> dict[int, Any] | None:
                         _overlay_classes[base] = type(f"Private{base.__name__}", (base,), {
                             "user_override": property(_read_override, _write_override),
                             "__module__": __name__})
-                    entry.__class__ = _overlay_classes[base]
+                    patches.replace_class("config", entry, _overlay_classes[base])
                 snapshot[id(entry)] = entry.__dict__.get("user_override", unset)
     return snapshot
 
@@ -269,16 +271,18 @@ def _write_override(entry: Any, value: Any) -> None:
 
 
 def _install_overlay(cm: Any) -> None:
-    """Once: the overlay's context variable, and ``get_hash`` that does not cache a hash
+    """The overlay's context variable (once), and ``get_hash`` that does not cache a hash
     of a private view in the module, where the user's thread would read it."""
     global _overlay, _unset
-    if _overlay is not None:
+    if _overlay is None:
+        import contextvars
+
+        _unset = cm._UNSET_SENTINEL
+        _overlay = contextvars.ContextVar("fxoffload_private_config", default=None)
+    if patches.is_installed("config"):
         return
-    import contextvars
     import hashlib
 
-    _unset = cm._UNSET_SENTINEL
-    _overlay = contextvars.ContextVar("fxoffload_private_config", default=None)
     cached = cm.ConfigModule.get_hash
 
     def get_hash(self: Any) -> bytes:
@@ -288,7 +292,14 @@ def _install_overlay(cm: Any) -> None:
         return hashlib.md5(repr(sorted(values.items())).encode("utf-8"),
                            usedforsecurity=False).digest()
 
-    cm.ConfigModule.get_hash = get_hash
+    patches.replace("config", cm.ConfigModule, "get_hash", get_hash)
+
+
+def uninstall_overlay() -> None:
+    """Config entries and ``get_hash`` back to torch's (``shutdown()``, when no thread of
+    ours runs: see ``isolation.uninstall``)."""
+    with _overlay_lock:
+        patches.uninstall("config")
 
 
 def cache_can_hit() -> bool:
@@ -405,3 +416,14 @@ def adopt_vec_isa(names: tuple[str, ...]) -> bool:
         valid_vec_isa_list.cache_clear()
         return False
     return True
+
+
+def forget_loaded_triton_kernels() -> None:
+    """Empty Inductor's in-memory table of loaded Triton kernels (by source), so that the
+    next compile loads each kernel from the Triton cache and names it to
+    ``TritonBundler.put`` (triton_bundle.capture)."""
+    from torch._inductor import async_compile
+
+    table = getattr(async_compile, "CompiledTritonKernels", None)
+    if table is not None and hasattr(table, "cache_clear"):
+        table.cache_clear()

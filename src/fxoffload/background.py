@@ -28,6 +28,7 @@ re-layout tensors saved for backward, and the backward is compiled against eager
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import threading
 import time
@@ -37,10 +38,18 @@ from typing import Any
 import torch
 from torch._inductor.output_code import OutputCode
 
-from . import cpu_threads, eager, isolation, offload, progress, protocol, timeline
+from . import (
+    cpu_threads,
+    eager,
+    isolation,
+    offload,
+    progress,
+    protocol,
+    timeline,
+    triton_bundle,
+)
 from ._compat import write_fx_cache_entry
 from .errors import FxOffloadError, NotOffloadable, PoolClosed
-from .executors import get_executor
 from .settings import Settings
 from .tally import STATS
 
@@ -165,8 +174,7 @@ class BackgroundOutput(OutputCode):
         in_worker = self._settings.base_mode == "subprocess"  # a process beside us
         if in_worker:
             cpu_threads.worker_compile_started(self._settings.workers)
-        future = get_executor(self._settings).submit(stage.request,
-                                                     timeout=self._settings.timeout)
+        future = offload.submit(self._settings, stage.request)
         progress.attach(stage.job, future)
         if in_worker:
             future.add_done_callback(cpu_threads.worker_compile_ended)
@@ -297,6 +305,9 @@ class BackgroundOutput(OutputCode):
         key, guards_expr, local, remote_cache = self._save
         self._save = None
         try:
+            kernels = triton_bundle.bundle(response.triton_kernels)
+            if kernels is not None and hasattr(response.graph, "set_triton_bundle"):
+                response.graph.set_triton_bundle(kernels)
             write_fx_cache_entry(key, response.graph, guards_expr, local, remote_cache)
         except Exception as e:  # noqa: BLE001 - a cache write never costs the user a step
             log.warning("fxoffload: could not save a background compile to the FX graph "
@@ -343,11 +354,12 @@ class BackgroundOutput(OutputCode):
             raise error
         if policy == "eager":
             return
-        from .child import compile_request
-
-        try:  # the serde path: the same request, compiled on this thread
+        # The serde path: the same request, compiled on this thread (at this call, the
+        # tracing context and config it needs exist only in the request).
+        here = dataclasses.replace(self._settings, mode="serde")
+        try:
             with isolation.turn:
-                raw = compile_request(stage.request, in_parent=True)
+                raw = offload.submit(here, stage.request).result()
             stage.response = protocol.decode_response(raw, self._fake_mode)
         except FxOffloadError as e:
             offload.note_failure(getattr(e, "reason", "fallback_failed"), e,
@@ -412,4 +424,7 @@ def _receiver() -> Any:
 def _serve(jobs: Any) -> None:
     while True:
         output, stage, future = jobs.get()
-        output._receive(stage, future)
+        try:
+            output._receive(stage, future)
+        except BaseException as e:  # a receiver must not die: later arrivals would wait
+            log.exception("fxoffload: unexpected failure after receiving a compile: %s", e)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import kernel_reuse, protocol
+from . import kernel_reuse, protocol, triton_bundle
 from ._compat import (
     clear_inductor_caches,
     ensure_process_groups,
@@ -101,12 +101,12 @@ def compile_request(data: bytes, *, in_parent: bool = False,
 
 
 def compile_request_status(data: bytes, *, in_parent: bool = False,
-                           cache_dirs: tuple[str, str] | None = None) -> tuple[bytes, bool]:
-    """``compile_request``, and whether the response holds a graph (the farm stores only
-    those)."""
+                           cache_dirs: tuple[str, str] | None = None,
+                           ) -> tuple[bytes, CompileResponse]:
+    """``compile_request``, and the response before encoding (the farm stores only those
+    that hold a graph, and sends the Triton kernels they name)."""
     response = _respond(data, in_parent=in_parent, cache_dirs=cache_dirs)
-    ok = response.error is None
-    return protocol.encode_response(response), ok
+    return protocol.encode_response(response), response
 
 
 def _respond(data: bytes, *, in_parent: bool,
@@ -176,6 +176,7 @@ def _compile(body: bytes) -> CompileResponse:
                     request.tracing_context.fw_metadata = request.state.fw_metadata
                 stack.enter_context(DebugContext())
                 stack.enter_context(no_save_output_code())
+                kernels = stack.enter_context(triton_bundle.capture())
                 scheme = _InProcessFxCompile()
                 scheme.compile_region_name = request.compile_region_name
                 graph = scheme.codegen_and_compile(
@@ -199,6 +200,7 @@ def _compile(body: bytes) -> CompileResponse:
         boxes=_boxes(request.graph_kwargs),
         pid=os.getpid(),
         compile_s=time.perf_counter() - start,
+        triton_kernels=kernels,
     )
 
 

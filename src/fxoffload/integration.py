@@ -24,23 +24,27 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import patches
 from .settings import Settings
 
 log = logging.getLogger("fxoffload")
 _active: contextvars.ContextVar[Settings | None] = contextvars.ContextVar(
     "fxoffload_active", default=None)
 _enabled_stack: list[Settings] = []
-_install_lock = threading.Lock()
+_install_lock = threading.RLock()
 _original: Callable[..., Any] | None = None
 _original_save: Callable[..., Any] | None = None
+_backend_made = False  # since the last release(): the hook stays after enabled() blocks
 
 
 def install() -> None:
     """Put ``_hook`` in place of Inductor's ``fx_codegen_and_compile`` and ``_save_graph``
-    in front of the FX graph cache's writer (idempotent)."""
+    in front of the FX graph cache's writer (idempotent; ``patches`` group "hook")."""
     global _original, _original_save
+    if patches.is_installed("hook"):
+        return
     with _install_lock:
-        if _original is not None:
+        if patches.is_installed("hook"):
             return
         from torch._inductor import compile_fx
         from torch._inductor.codecache import FxGraphCache
@@ -50,8 +54,19 @@ def install() -> None:
         check_supported()
         _original = compile_fx.fx_codegen_and_compile
         _original_save = FxGraphCache._save_graph
-        compile_fx.fx_codegen_and_compile = _hook
-        FxGraphCache._save_graph = staticmethod(_save_graph)  # type: ignore[method-assign]
+        patches.replace("hook", FxGraphCache, "_save_graph", staticmethod(_save_graph))
+        patches.replace("hook", compile_fx, "fx_codegen_and_compile", _hook)
+
+
+def release() -> None:
+    """Stock Inductor back, unless an ``enabled()`` block is open (``shutdown()``; leaving
+    the last block when no backend was made since). A compile that starts later through a
+    backend made before puts the hook back (``install`` at every backend compile)."""
+    global _backend_made
+    with _install_lock:
+        _backend_made = False
+        if not _enabled_stack:
+            patches.uninstall("hook")
 
 
 def _save_graph(key: str, compiled_graph: Any, example_inputs: Any, local: bool,
@@ -79,8 +94,7 @@ def _hook(gm: Any, example_inputs: Any, inputs_to_check: Any,
                          compile_region_name=compile_region_name, **graph_kwargs)
     from . import offload
 
-    if offload.has_collectives(gm):
-        settings = offload.in_step(settings)
+    settings = offload.for_graph(settings, gm)
     if settings.background:
         from .background import compile_in_background
 
@@ -94,6 +108,7 @@ def _hook(gm: Any, example_inputs: Any, inputs_to_check: Any,
 def _with_settings(settings: Settings, inner: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(inner)
     def inner_compile(*args: Any, **kwargs: Any) -> Any:
+        install()  # a backward compiled lazily, after a shutdown()
         token = _active.set(settings)
         try:
             return inner(*args, **kwargs)
@@ -122,16 +137,13 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
                               **options)
 
     def fxoffload_backend(gm: Any, example_inputs: Any, **options: Any) -> Any:
-        from .offload import has_collectives, in_step
+        from .offload import for_graph
 
-        settings = resolved
-        if resolved.background and has_collectives(gm):
-            # Ranks stay in step: compiled from the first call (offload.in_step).
-            log.debug("fxoffload: a graph with collectives compiles synchronously")
-            settings = in_step(resolved)
+        settings = for_graph(resolved, gm)  # ranks stay in step (offload.in_step)
         if settings.background:
-            from . import deferred
+            from . import deferred, isolation
 
+            isolation.install()  # again after a shutdown(); before anything traces
             reason = deferred.why_not(resolved, example_inputs)
             if reason is None:
                 return deferred.Deferred(resolved, gm, example_inputs, functools.partial(
@@ -149,6 +161,8 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
     # Inductor's compile path is imported, and the hook put in place, now, as
     # torch.compile(backend="inductor") imports it when called: 0.4-0.6 s that would
     # otherwise fall on the first call.
+    global _backend_made
+    _backend_made = True
     install()
     if resolved.background:
         start_background(resolved)
@@ -394,12 +408,16 @@ def enabled(settings: Settings | None = None, **kwargs: Any) -> Iterator[Setting
     """Make stock ``torch.compile(model)`` (backend "inductor") offload inside the block;
     stock behaviour returns on exit."""
     settings = _checked(settings, kwargs)
-    install()
-    if settings.background:
-        start_background(settings)
-    _enabled_stack.append(settings)
+    with _install_lock:
+        install()
+        _enabled_stack.append(settings)
     try:
+        if settings.background:
+            start_background(settings)
         with counting_cache_hits():
             yield settings
     finally:
-        _enabled_stack.remove(settings)
+        with _install_lock:
+            _enabled_stack.remove(settings)
+            if not _enabled_stack and not _backend_made:
+                release()

@@ -39,7 +39,8 @@ beside it; ``async+serde``'s compile thread does not (the user's next frames wou
 for its whole compile), so there a trace on the user's thread may overlap its compile's
 pattern traces: that mode is for tests and debugging.
 
-Installed when a background backend is made (on the caller's thread), never at import.
+Installed when a background backend is made (on the caller's thread), never at import;
+undone by ``uninstall`` at ``shutdown()`` (``patches`` group "isolation").
 Per-thread state that our threads must take over from the caller's instead (the current
 CUDA device) is read with ``caller_cuda_device`` and set with ``on_cuda_device``.
 """
@@ -52,9 +53,11 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import patches
+
 _local = threading.local()  # .ours: a thread of fxoffload's; .tracing: Tracer.trace depth
 _lock = threading.Lock()
-_installed = False
+_threads = 0  # threads of ours inside our_thread() now
 
 
 # Held by fxoffload's threads that trace or compile in this process (module docstring).
@@ -65,13 +68,18 @@ turn = threading.RLock()
 def our_thread() -> Iterator[None]:
     """Mark the calling thread as one of fxoffload's own (a deferred trace's front thread,
     ``async+serde``'s compile thread) for the duration; installs the shims."""
-    install()
+    global _threads
+    with _lock:
+        _install_locked()
+        _threads += 1
     outer = getattr(_local, "ours", False)
     _local.ours = True
     try:
         yield
     finally:
         _local.ours = outer
+        with _lock:
+            _threads -= 1
 
 
 def caller_cuda_device(on_cpu: bool) -> int | None:
@@ -118,30 +126,51 @@ def install() -> None:
     """Install the shims (idempotent). Done on the caller's thread when a background
     backend is made, before anything traces: a trace already running when the flag's
     readers change would read False until it ends."""
-    global _installed
     with _lock:
-        if _installed:
-            return
-        _installed = True
-        _install_fx_flag_readers()
-        _install_rng_guards()
-        _install_quiet_patcher()
+        _install_locked()
+
+
+def _install_locked() -> None:
+    if patches.is_installed("isolation"):
+        return
+    _install_fx_flag_readers()
+    _install_rng_guards()
+    _install_quiet_patcher()
+
+
+def uninstall() -> bool:
+    """Put torch's functions back (``shutdown()``), unless a thread of ours still runs;
+    False then. Modules imported after ``install`` bound our wrappers from the patched
+    modules: those bindings are unwrapped too."""
+    import sys
+
+    with _lock:
+        if _threads:
+            return False
+        for name in _RNG_GUARDED + _RAND_STRIDED:
+            module = sys.modules.get(name)
+            for attr in ("preserve_rng_state", "rand_strided"):
+                value = getattr(module, attr, None)
+                if getattr(value, "_fxoffload", False):
+                    setattr(module, attr, value.__wrapped__)
+        patches.uninstall("isolation")
+        return True
 
 
 def _install_fx_flag_readers() -> None:
     from torch.fx import _symbolic_trace as module
 
-    module.__dict__["_fxoffload_fx_flag_visible"] = _fx_flag_visible
+    patches.replace("isolation", module, "_fxoffload_fx_flag_visible", _fx_flag_visible)
     for name, replacement in (("is_fx_tracing", _is_fx_tracing),
                               ("is_fx_symbolic_tracing", _is_fx_symbolic_tracing)):
         original = getattr(module, name, None)
         if original is None or original.__code__.co_freevars:
             continue
-        original.__code__ = replacement.__code__.replace(
+        patches.replace_code("isolation", original, replacement.__code__.replace(
             co_name=original.__code__.co_name,
             co_filename=original.__code__.co_filename,
             co_qualname=original.__code__.co_qualname,
-        )
+        ))
 
 
 # Modules that call ``preserve_rng_state`` around a trace or compile (some bound the name
@@ -168,7 +197,8 @@ def _install_rng_guards() -> None:
             continue
         original = getattr(module, "preserve_rng_state", None)
         if original is not None and not getattr(original, "_fxoffload", False):
-            module.preserve_rng_state = _skipped_on_our_threads(original)
+            patches.replace("isolation", module, "preserve_rng_state",
+                            _skipped_on_our_threads(original))
     original = sys.modules["torch._dynamo.testing"].rand_strided
     if getattr(original, "_fxoffload", False):
         return
@@ -176,7 +206,7 @@ def _install_rng_guards() -> None:
     for name in _RAND_STRIDED:
         module = sys.modules.get(name)
         if module is not None and getattr(module, "rand_strided", None) is original:
-            module.rand_strided = private
+            patches.replace("isolation", module, "rand_strided", private)
 
 
 def _skipped_on_our_threads(original: Callable[[], Any]) -> Callable[[], Any]:
@@ -242,7 +272,7 @@ def _install_quiet_patcher() -> None:
     for name in ("patch", "patch_method"):
         original = getattr(module._Patcher, name, None)
         if original is not None and not getattr(original, "_fxoffload", False):
-            setattr(module._Patcher, name, _unless_quiet(original))
+            patches.replace("isolation", module._Patcher, name, _unless_quiet(original))
     trace = module.Tracer.trace
     if getattr(trace, "_fxoffload", False):
         return
@@ -260,7 +290,7 @@ def _install_quiet_patcher() -> None:
             _local.quiet = outer_quiet
 
     tracked_trace._fxoffload = True  # type: ignore[attr-defined]
-    module.Tracer.trace = tracked_trace  # type: ignore[method-assign]
+    patches.replace("isolation", module.Tracer, "trace", tracked_trace)
 
 
 def _unless_quiet(original: Callable[..., Any]) -> Callable[..., Any]:

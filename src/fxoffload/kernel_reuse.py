@@ -28,6 +28,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+from . import patches
+
 # Responses whose load never comes (an error, a capture replayed elsewhere) must not pin
 # kernels forever: keep the newest few.
 _MAX_PENDING = 16
@@ -35,7 +37,6 @@ _MAX_PENDING = 16
 _lock = threading.Lock()
 _pending: OrderedDict[str, dict[str, Any]] = OrderedDict()
 _local = threading.local()
-_original: Any = None  # AsyncCompile.triton while ours stands in its place
 _users = 0  # loads using ours now
 
 
@@ -98,14 +99,14 @@ def take(kernel_name: str) -> Any:
 
 
 def _install() -> None:
-    global _users, _original
+    global _users
     from torch._inductor.async_compile import AsyncCompile
 
     with _lock:
         _users += 1
         if _users > 1:
             return
-        _original = original = AsyncCompile.triton
+        original = AsyncCompile.triton
 
         def triton(self: Any, kernel_name: str, source_code: str, *args: Any,
                    **kwargs: Any) -> Any:
@@ -114,14 +115,12 @@ def _install() -> None:
                 return kernel
             return original(self, kernel_name, source_code, *args, **kwargs)
 
-        AsyncCompile.triton = triton  # type: ignore[method-assign]
+        patches.replace("kernel_reuse", AsyncCompile, "triton", triton)
 
 
 def _uninstall() -> None:
-    global _users, _original
-    from torch._inductor.async_compile import AsyncCompile
-
+    global _users
     with _lock:
         _users -= 1
         if _users == 0:
-            AsyncCompile.triton, _original = _original, None  # type: ignore[method-assign]
+            patches.uninstall("kernel_reuse")

@@ -21,6 +21,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -86,6 +87,12 @@ def has_collectives(gm: torch.fx.GraphModule) -> bool:
             if getattr(target, "__module__", "").startswith("torch.distributed"):
                 return True
     return False
+
+
+def for_graph(settings: Settings, gm: Any) -> Settings:
+    """The settings ``gm`` compiles under: ``in_step``'s when it holds collectives (the one
+    rule, applied to Dynamo's graph before the trace and to AOTAutograd's in the hook)."""
+    return in_step(settings) if has_collectives(gm) else settings
 
 
 def in_step(settings: Settings) -> Settings:
@@ -227,7 +234,7 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
     t1 = time.perf_counter()
 
     try:
-        future = executor.submit(data, timeout=settings.timeout)
+        future = submit(settings, data)
         raw = future.result()
         t2 = time.perf_counter()
         response = protocol.decode_response(raw, fake_mode)
@@ -245,6 +252,13 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
               transfer_s=max(0.0, (t2 - max(t1, started)) - response.compile_s),
               deserialize_s=(t3 - t2) + (t4 - t3))
     return graph
+
+
+def submit(settings: Settings, request: bytes) -> Future[bytes]:
+    """Every compile request leaves through here, to ``settings``' executor: sync
+    (``compile``), background stages, and a background graph's in-process fallback
+    (``settings`` with mode ``serde``: compiled on the calling thread)."""
+    return get_executor(settings).submit(request, timeout=settings.timeout)
 
 
 _compile_scope: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar(

@@ -77,6 +77,9 @@ class CompileResponse:
     # The compiling process's usable CPU vector ISAs (Inductor's probe result), for a CPU
     # graph compiled in another process (see ``_compat.adopt_vec_isa``).
     vec_isa: tuple[str, ...] | None = None
+    # (kernel hash, device index) of every Triton kernel the compile loaded: the FX cache
+    # entry written after a background compile bundles their files (triton_bundle).
+    triton_kernels: list[tuple[str, int]] = dataclasses.field(default_factory=list)
     # The graph loaded in the parent (``offload.load``), a copy: ``graph`` itself stays
     # ready to pickle for the FX graph cache entry. Never sent.
     loaded: Any = None

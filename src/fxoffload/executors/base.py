@@ -12,6 +12,9 @@ from concurrent.futures import Future
 
 class Executor(abc.ABC):
     name: str = "executor"
+    # Compiles in other processes: the parent never loads its own compile's probes or
+    # kernels before a response tells it what the worker found (offload.load).
+    out_of_process: bool = False
 
     @abc.abstractmethod
     def submit(self, request: bytes, *, timeout: float | None = None) -> Future[bytes]:

@@ -31,6 +31,7 @@ REQUEST, RESPONSE = b"request", b"response"
 
 class FarmExecutor(Executor):
     name = "farm"
+    out_of_process = True
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings

@@ -64,6 +64,7 @@ _PROBE = _Job(b"", Future(), 0.0)
 
 class WorkerPool(Executor):
     name = "subprocess"
+    out_of_process = True
 
     def __init__(self, settings: Settings, stats: Stats = STATS) -> None:
         self.settings = settings

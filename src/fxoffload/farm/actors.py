@@ -48,6 +48,7 @@ class CompileWorker:
         os.makedirs(work_dir, exist_ok=True)  # on another node, made there
         base = Path(tempfile.mkdtemp(prefix="worker-", dir=work_dir))
         self._cache = base / "inductor"
+        self._dirs = {"inductor": self._cache}  # what farm.bundle snapshots and sends
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self._cache)
         os.environ.pop("TRITON_CACHE_DIR", None)  # Triton's under Inductor's: one layout
         os.environ["FXOFFLOAD_FARM_WORKER"] = "1"  # what tests' worker-only passes look for
@@ -58,14 +59,14 @@ class CompileWorker:
         self.phases: dict[str, float] = {"import_s": time.perf_counter() - start}
         from . import bundle
 
-        before = bundle.snapshot({"inductor": self._cache})
+        before = bundle.snapshot(self._dirs)
         if warm:
             worker._warm_up(self.phases, compile=True, request_waiting=lambda: False)
         # The C++ the warm-up built: mostly Inductor's CPU vector-ISA probe libraries,
         # which a CPU client with a cache dir of its own would otherwise build before it
         # loads anything (1-9 s). Sent with every CPU graph's response (about 180 KB).
         self._toolchain = {name: data for name, data in
-                           bundle.new_files({"inductor": self._cache}, before).items()
+                           bundle.new_files(self._dirs, before).items()
                            if name.endswith((".cpp", ".so"))}
         self.startup_s = time.perf_counter() - start
         self.compiles = 0
@@ -78,18 +79,24 @@ class CompileWorker:
     def compile(self, signed_request: bytes) -> tuple[bool, bytes, float]:
         """``(ok, signed response, seconds)``: ``ok`` is False for an error response
         (returned to the client, never stored)."""
+        from .. import _compat, protocol
         from . import bundle
 
         data = signing.verify(self._key, signed_request, purpose=REQUEST)
         start = time.perf_counter()
-        dirs = {"inductor": self._cache}
-        before = bundle.snapshot(dirs)
-        raw, ok = self._child.compile_request_status(data, cache_dirs=(str(self._cache), ""))
-        # A kernel this worker compiled for an earlier graph is not rewritten, so not
-        # sent: a client that lacks it compiles it (correct, only slower).
-        files = bundle.new_files(dirs, before) if ok else {}
-        from .. import protocol
-
+        before = bundle.snapshot(self._dirs)
+        # A kernel this process loaded before (warm-up, an earlier graph) would come from
+        # memory and go unnamed (below): every compile loads its kernels from the cache.
+        _compat.forget_loaded_triton_kernels()
+        raw, response = self._child.compile_request_status(
+            data, cache_dirs=(str(self._cache), ""))
+        ok = response.error is None
+        files = bundle.new_files(self._dirs, before) if ok else {}
+        # A Triton kernel this worker built for an earlier graph is not rewritten: sent
+        # by name. (A C++ kernel built earlier is not: a client that lacks it builds it.)
+        for kernel_hash, device in response.triton_kernels if ok else ():
+            files.update(bundle.files_under(
+                self._dirs, f"inductor/triton/{device}/{kernel_hash}"))
         if ok and self._toolchain and protocol.split_request(data)[0].host_cpu is not None:
             files = {**self._toolchain, **files}
         self.compiles += 1

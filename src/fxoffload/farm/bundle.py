@@ -48,6 +48,19 @@ def new_files(dirs: dict[str, Path], before: dict[str, float]) -> dict[str, byte
     return out
 
 
+def files_under(dirs: dict[str, Path], name: str) -> dict[str, bytes]:
+    """The files under ``"root/relative/dir"``, with their bytes (none if it is absent)."""
+    root, rel = name.split("/", 1)
+    base = dirs[root] / rel
+    out: dict[str, bytes] = {}
+    if base.is_dir():
+        for path in base.rglob("*"):
+            if path.is_file() and not path.name.endswith(_SKIP_SUFFIXES):
+                with contextlib.suppress(OSError):
+                    out[f"{root}/{path.relative_to(dirs[root])}"] = path.read_bytes()
+    return out
+
+
 def pack(response: bytes, files: dict[str, bytes]) -> bytes:
     """``response`` and ``files`` as one blob (lengths and bytes; no pickle)."""
     parts = [_BIG.pack(len(response)), response, _LEN.pack(len(files))]

@@ -35,6 +35,14 @@ DEFAULT_STORE_BYTES = 4 << 30
 FARM_ID_ENV = "FXOFFLOAD_FARM_ID"
 
 
+def loopback_only() -> bool:
+    """Whether this process's network namespace has no interface but ``lo``: where a
+    test or benchmark may start a Ray head, which binds every interface."""
+    names = [line.split(":", 1)[0].strip()
+             for line in Path("/proc/net/dev").read_text().splitlines()[2:]]
+    return names == ["lo"]
+
+
 def up(*, state_dir: Path, workers: int, address: str | None = None,
        store_dir: Path | None = None, store_bytes: int = DEFAULT_STORE_BYTES,
        host: str = "127.0.0.1", startup_timeout: float = 300.0) -> dict[str, Any]:
