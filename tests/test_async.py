@@ -301,7 +301,7 @@ def test_background_compile_fills_the_cache_for_the_next_process(tmp_path: Any) 
         s = fxoffload.stats()
         # inference; training forward, and its backward where the trace was deferred
         # (handed over with the forward; elsewhere it compiles at its first call)
-        from fxoffload._compat import config_can_be_private
+        from fxoffload.private_config import config_can_be_private
         expected = 3 if config_can_be_private() else 2
         assert s.background_compiles == expected and s.fallback_count == 0, s
         # A second compile in this process: the inference graph hits AOTAutograd's cache,

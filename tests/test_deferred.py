@@ -23,8 +23,8 @@ from extensions import (
 from models import MLP
 
 import fxoffload
-from fxoffload._compat import config_can_be_private
 from fxoffload.errors import FxOffloadError, TraceFailed
+from fxoffload.private_config import config_can_be_private
 
 DEFERS = config_can_be_private()
 deferring = pytest.mark.skipif(not DEFERS, reason="this torch's config cannot be made "

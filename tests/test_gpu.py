@@ -17,7 +17,7 @@ from models import MLP, Block, GraphBreak
 from torch._inductor.utils import run_and_get_code
 
 import fxoffload
-from fxoffload._compat import config_can_be_private
+from fxoffload.private_config import config_can_be_private
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import fxoffload
-from fxoffload import progress
-from fxoffload.progress import COMPILING, DONE, FAILED, LOADING, QUEUED, TRACING, Board, Graph
+from fxoffload import naming, progress
+from fxoffload.naming import Graph
+from fxoffload.progress import COMPILING, DONE, FAILED, LOADING, QUEUED, TRACING, Board
 
 
 class _Future:
@@ -118,7 +119,7 @@ def test_identify_names_the_frame_as_dynamo_does() -> None:
     seen: list[Graph] = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
-        seen.append(progress.identify(gm))
+        seen.append(naming.identify(gm))
         return gm
 
     def frame(x: torch.Tensor) -> torch.Tensor:

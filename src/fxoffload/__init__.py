@@ -80,7 +80,7 @@ def warmup(settings: Settings | None = None, *, wait: bool = True, device: str |
     pattern tables for ``device`` — default cuda if available, else cpu — and the cache
     key's fixed parts: about 1.5-2 s, spent here in the calling thread). ``wait=True``
     also waits until the workers are ready."""
-    prepare_parent = _needs_torch("integration").prepare_parent
+    prepare_parent = _needs_torch("prepare").prepare_parent
     from .executors import get_executor
 
     executor = get_executor(settings or Settings.resolve(**kwargs))
@@ -112,8 +112,8 @@ def shutdown(*, wait: bool = True) -> None:
     shutdown_all(wait=wait)
     if "fxoffload.integration" not in sys.modules:  # nothing was ever installed
         return
-    from . import _compat, integration, isolation
+    from . import integration, isolation, private_config
 
     integration.release()
     if isolation.uninstall():  # no thread of ours runs: none reads a private config
-        _compat.uninstall_overlay()
+        private_config.uninstall_overlay()

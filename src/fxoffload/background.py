@@ -42,6 +42,7 @@ from . import (
     cpu_threads,
     eager,
     isolation,
+    naming,
     offload,
     progress,
     protocol,
@@ -131,7 +132,7 @@ class BackgroundOutput(OutputCode):
         # context-local), for work done ahead of the swap on the receiver thread.
         self._context = contextvars.copy_context()
         self._cuda_device = isolation.caller_cuda_device(on_cpu)
-        self._graph: progress.Graph | None = None  # named at the first start()
+        self._graph: naming.Graph | None = None  # named at the first start()
 
     # -- OutputCode ---------------------------------------------------------------
     def __call__(self, args: list[Any]) -> Any:
@@ -168,7 +169,7 @@ class BackgroundOutput(OutputCode):
             self._outstanding += 1
         _started()
         if self._graph is None:  # on the compiling thread, under Dynamo's compile context
-            self._graph = progress.identify(self._gm, self._graph_kwargs)
+            self._graph = naming.identify(self._gm, self._graph_kwargs)
         stage.job = progress.track(self._graph, progress.QUEUED,
                                    stage=stage.index if self._settings.progressive else None)
         in_worker = self._settings.base_mode == "subprocess"  # a process beside us

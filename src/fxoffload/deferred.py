@@ -23,9 +23,9 @@ for a stock compile.
 
 The thread compiles under the config the caller had when Dynamo called the backend: in
 a copy of the caller's context where config patches are context variables (2.13); where
-they are process-global (2.11), in a private view of the config (``_compat.
-private_config``), so a ``config.patch`` inside the compile on our thread never restores
-over values the user's thread changed meanwhile.
+they are process-global (2.11), in a private view of the config (``private_config``), so
+a ``config.patch`` inside the compile on our thread never restores over values the
+user's thread changed meanwhile.
 
 A graph is deferred only when the compile cannot add guards that Dynamo, having
 returned, would no longer install: no symbolic shapes, no aliased inputs; and only under
@@ -46,7 +46,16 @@ from typing import Any
 
 import torch
 
-from . import _compat, cpu_threads, isolation, offload, progress, timeline
+from . import (
+    _compat,
+    cpu_threads,
+    isolation,
+    naming,
+    offload,
+    private_config,
+    progress,
+    timeline,
+)
 from .background import _finished, _started, exiting
 from .errors import PoolClosed, TraceFailed
 from .settings import Settings
@@ -68,7 +77,7 @@ def why_not(settings: Settings, example_inputs: Sequence[Any]) -> str | None:
     """None when this graph's compile can be deferred; else the reason it cannot."""
     if not settings.defer_trace:
         return "off"
-    if not _compat.config_can_be_private():
+    if not private_config.config_can_be_private():
         return "this torch's config cannot be given a thread of its own"
     if getattr(_local, "job", None) is not None:
         return "nested"
@@ -116,7 +125,7 @@ class Deferred:
         self._done = threading.Event()
         self._grad = torch.is_grad_enabled()
         self._cuda_device = isolation.caller_cuda_device(self._on_cpu)
-        self._private_config = _compat.config_snapshot()
+        self._private_config = private_config.config_snapshot()
         self._tracing = torch._guards.TracingContext.try_get()
         self._compile_ctx = torch._guards.CompileContext.try_get()
         # The trace starts once the first call has run (or after _FIRST_CALL_WAIT): beside
@@ -131,7 +140,7 @@ class Deferred:
         else:  # a hit's first call runs compiled: the trace starts at once
             self._first_ran.set()
         # Named now, on the caller's thread, while Dynamo's translator is there to ask.
-        self._graph = progress.identify(gm)
+        self._graph = naming.identify(gm)
         self._job = progress.track(self._graph, progress.TRACING)
         _started(background_traces=1)
         # Config patches are context variables on torch 2.13: the thread starts in a
@@ -195,7 +204,7 @@ class Deferred:
                     locks.callback(isolation.turn.release)
                 if not _compat.watch_aot_cache_lookup(_looked_up):
                     self._decided.set()
-                with _compat.private_config(self._private_config), _state(self), \
+                with private_config.private_config(self._private_config), _state(self), \
                         isolation.our_thread(), _fast_switching():
                     compiled = compile(self._gm, example_inputs)
                 self._compiled = compiled
@@ -281,7 +290,7 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
 @contextlib.contextmanager
 def _state(job: Deferred) -> Iterator[None]:
     """On the front thread: the caller's grad mode, CUDA device, tracing and compile
-    contexts (its config comes with ``_compat.private_config``). And a training graph's
+    contexts (its config comes with ``private_config``). And a training graph's
     backward is handed to the hook now, not at the first backward through the compiled
     forward: the first steps ran Dynamo's graph, so that backward would only come after
     the trace, one step later."""

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import _compat, kernel_reuse, protocol, timeline
+from . import _compat, kernel_reuse, naming, protocol, timeline
 from .eager import EagerOutput
 from .errors import FxOffloadError, NotOffloadable, RemoteCompileError
 from .executors import get_executor
@@ -298,9 +298,7 @@ def _trace(tl: timeline.Timeline, settings: Settings, gm: torch.fx.GraphModule,
     """A synchronous compile's spans, named by the graph's Dynamo compile id (this runs
     on the caller's thread, inside Dynamo's compile); ``data``/``raw``, when given, add
     the request's and response's sizes and the request's id."""
-    from . import progress
-
-    graph = progress.identify(gm)
+    graph = naming.identify(gm)
     name = f"graph {graph.label}"
     args = graph.args(stage=0, pid=response.pid,
                       bytes_sent=len(data) if data is not None else None,

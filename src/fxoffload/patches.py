@@ -14,7 +14,7 @@ The groups and who installs them:
     isolation     isolation.install: the FX-tracing flag's readers, preserve_rng_state,
                   rand_strided, the tracer's patcher (for threads of ours)
     kernel_reuse  kernel_reuse: AsyncCompile.triton, only while a graph loads
-    config        _compat: private config views for threads of ours (torch < 2.13)
+    config        private_config: private config views for threads of ours (torch < 2.13)
     triton_bundle triton_bundle.capture: TritonBundler.put, while a compile runs
 
 Changes scoped to one ``with`` block (``state.restored``, ``_compat.quiet_output_code``)

@@ -5,7 +5,7 @@ One track for the parent and one per worker process: per graph, the parent's ser
 its wait for the executor, the compile on the worker that ran it, and the parent's
 deserialize and replay; a worker's start-up on its own track; fallbacks are instant
 events naming their reason. Every event's args name its graph the way Dynamo does
-(``compile_id``, e.g. ``"0/0"``; see ``progress.identify``), with its config stage, node
+(``compile_id``, e.g. ``"0/0"``; see ``naming.identify``), with its config stage, node
 count, bytes and worker pid where they apply; an event without a graph of its own takes
 the compile id of the Dynamo compile it happens in. The file is rewritten after every
 compile, so it is complete whenever the process stops; a path that cannot be written is
