@@ -286,9 +286,10 @@ def markdown(summary: dict[str, list[dict[str, Any]]], tg: list[dict[str, Any]],
         "(registry `reset_stats`, no restart) asked for graphs it has not seen: the same "
         f"model at a longer sequence (+{SEQ_EXTRA['farm-warm']}), so every graph misses the "
         "store and is compiled by a warm worker (the same graphs again would find their "
-        "kernels in the worker's cache dir: neither compiled nor sent, so every client "
-        "compiles them); farm-store, counters zeroed, store kept, the base shape again: "
-        "farm-cold's graphs; async+farm, store emptied (`clear_store`), at "
+        "C++ kernels in the worker's cache dir: neither compiled nor sent, so every client "
+        "would build them; Triton kernels are sent again by name); farm-store, counters "
+        "zeroed, store kept, the base shape again: farm-cold's graphs; async+farm, store "
+        "emptied (`clear_store`), at "
         f"+{SEQ_EXTRA['async+farm']}. *kernel files installed*: the ranks' "
         "`stats().farm_files_installed`, summed over ranks and reps. *load*: the 1-minute "
         "load average just before the ranks started (median; the machine is shared).",
