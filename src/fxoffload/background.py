@@ -240,25 +240,27 @@ class BackgroundOutput(OutputCode):
             if stage.index > self._installed and (
                     self._ready is None or stage.index > self._ready.index):
                 self._ready = stage
-        progress.move(stage.job, progress.DONE)
-        if (tl := timeline.get()) is not None:
-            pid = getattr(future, "worker_pid", response.pid)
-            name = self._span_name(stage)
-            args = self._event_args(stage, pid=pid, bytes_sent=len(stage.request),
-                                    bytes_received=len(raw),
-                                    request=_request_key(stage.request))
-            tl.span(f"queue {name}", stage.submitted, started, track=0, track_name="parent",
-                    step="queue", **args)
-            if protocol.ran_here(response):  # async+serde: our compile thread ran it
-                track, track_name = 1, "compile (in process)"
-            else:
-                track, track_name = pid, f"worker {pid}"
-            tl.span(f"compile {name}", t0 - response.compile_s, t0, track=track,
-                    track_name=track_name, step="compile", **args)
-            tl.span(f"decode {name}", t0, t1, track=2, track_name="receiver", step="decode",
-                    **args)
-            tl.flush()
-        _finished()
+        try:  # whatever the display and the timeline do, wait() must see this arrive
+            progress.move(stage.job, progress.DONE)
+            if (tl := timeline.get()) is not None:
+                pid = getattr(future, "worker_pid", response.pid)
+                name = self._span_name(stage)
+                args = self._event_args(stage, pid=pid, bytes_sent=len(stage.request),
+                                        bytes_received=len(raw),
+                                        request=_request_key(stage.request))
+                tl.span(f"queue {name}", stage.submitted, started, track=0, track_name="parent",
+                        step="queue", **args)
+                if protocol.ran_here(response):  # async+serde: our compile thread ran it
+                    track, track_name = 1, "compile (in process)"
+                else:
+                    track, track_name = pid, f"worker {pid}"
+                tl.span(f"compile {name}", t0 - response.compile_s, t0, track=track,
+                        track_name=track_name, step="compile", **args)
+                tl.span(f"decode {name}", t0, t1, track=2, track_name="receiver", step="decode",
+                        **args)
+                tl.flush()
+        finally:
+            _finished()
 
     # -- naming, for the timeline ---------------------------------------------------------
     def _span_name(self, stage: _Stage) -> str:
