@@ -16,6 +16,7 @@ The groups and who installs them:
     kernel_reuse  kernel_reuse: AsyncCompile.triton, only while a graph loads
     config        private_config: private config views for threads of ours (torch < 2.13)
     triton_bundle triton_bundle.capture: TritonBundler.put, while a compile runs
+    farm_worker   farm.actors.CompileWorker (a farm worker's process only): codecache.write
 
 Changes scoped to one ``with`` block (``state.restored``, ``_compat.quiet_output_code``)
 restore themselves and are not recorded here. ``fxoffload.shutdown()`` uninstalls every

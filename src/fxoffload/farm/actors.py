@@ -21,6 +21,7 @@ wraps them with ``ray.remote``, so this module imports without Ray.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import tempfile
@@ -70,6 +71,41 @@ class CompileWorker:
                            if name.endswith((".cpp", ".so"))}
         self.startup_s = time.perf_counter() - start
         self.compiles = 0
+        self._cpp_paths: list[str] | None = None  # the C++ sources the compile running uses
+        self._name_cpp_sources()
+
+    def _name_cpp_sources(self) -> None:
+        """Inductor writes every C++ source it builds or loads through ``codecache.write``
+        (also when the library is cached, in memory or on disk): noted here, so that a
+        kernel built for an earlier graph is sent with a later one that uses it."""
+        from torch._inductor import codecache
+
+        from .. import patches
+
+        original = codecache.write
+
+        def write(content: Any, extension: str, *args: Any, **kwargs: Any) -> Any:
+            key, path = original(content, extension, *args, **kwargs)
+            if self._cpp_paths is not None and extension.endswith("cpp"):
+                self._cpp_paths.append(path)
+            return key, path
+
+        patches.replace("farm_worker", codecache, "write", write)
+
+    def _cpp_files(self, paths: list[str]) -> dict[str, bytes]:
+        """The files of each source's build: beside it, named by its key."""
+        from . import bundle
+
+        out: dict[str, bytes] = {}
+        for path in paths:
+            source = Path(path)
+            key = source.name.split(".", 1)[0]
+            for sibling in source.parent.glob(f"{key}.*"):
+                if sibling.is_file() and not sibling.name.endswith(bundle.SKIP_SUFFIXES):
+                    with contextlib.suppress(ValueError, OSError):
+                        name = f"inductor/{sibling.relative_to(self._cache)}"
+                        out[name] = sibling.read_bytes()
+        return out
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "host": socket.gethostname(),
@@ -88,15 +124,21 @@ class CompileWorker:
         # A kernel this process loaded before (warm-up, an earlier graph) would come from
         # memory and go unnamed (below): every compile loads its kernels from the cache.
         _compat.forget_loaded_triton_kernels()
-        raw, response = self._child.compile_request_status(
-            data, cache_dirs=(str(self._cache), ""))
+        self._cpp_paths = []
+        try:
+            raw, response = self._child.compile_request_status(
+                data, cache_dirs=(str(self._cache), ""))
+        finally:
+            cpp_paths, self._cpp_paths = self._cpp_paths, None
         ok = response.error is None
         files = bundle.new_files(self._dirs, before) if ok else {}
-        # A Triton kernel this worker built for an earlier graph is not rewritten: sent
-        # by name. (A C++ kernel built earlier is not: a client that lacks it builds it.)
+        # A kernel this worker built for an earlier graph is not rewritten: sent by name.
         for kernel_hash, device in response.triton_kernels if ok else ():
             files.update(bundle.files_under(
                 self._dirs, f"inductor/triton/{device}/{kernel_hash}"))
+        if ok:
+            files.update({k: v for k, v in self._cpp_files(cpp_paths).items()
+                          if k not in files})
         if ok and self._toolchain and protocol.split_request(data)[0].host_cpu is not None:
             files = {**self._toolchain, **files}
         self.compiles += 1

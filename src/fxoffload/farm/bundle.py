@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 ROOTS = ("inductor", "triton")  # which cache dir a relative path belongs to
-_SKIP_SUFFIXES = (".lock", ".tmp")
+SKIP_SUFFIXES = (".lock", ".tmp")
 _LEN = struct.Struct("!I")
 _BIG = struct.Struct("!Q")
 
@@ -31,7 +31,7 @@ def snapshot(dirs: dict[str, Path]) -> dict[str, float]:
         if not base.is_dir():
             continue
         for path in base.rglob("*"):
-            if path.is_file() and not path.name.endswith(_SKIP_SUFFIXES):
+            if path.is_file() and not path.name.endswith(SKIP_SUFFIXES):
                 with contextlib.suppress(OSError):
                     seen[f"{root}/{path.relative_to(base)}"] = path.stat().st_mtime
     return seen
@@ -55,7 +55,7 @@ def files_under(dirs: dict[str, Path], name: str) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     if base.is_dir():
         for path in base.rglob("*"):
-            if path.is_file() and not path.name.endswith(_SKIP_SUFFIXES):
+            if path.is_file() and not path.name.endswith(SKIP_SUFFIXES):
                 with contextlib.suppress(OSError):
                     out[f"{root}/{path.relative_to(dirs[root])}"] = path.read_bytes()
     return out
