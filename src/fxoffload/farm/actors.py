@@ -92,20 +92,19 @@ class CompileWorker:
 
         patches.replace("farm_worker", codecache, "write", write)
 
-    def _cpp_files(self, paths: list[str]) -> dict[str, bytes]:
-        """The files of each source's build: beside it, named by its key."""
+    def _cpp_names(self, paths: list[str]) -> set[str]:
+        """The names of each C++ source's build files: beside it, named by its key."""
         from . import bundle
 
-        out: dict[str, bytes] = {}
+        names: set[str] = set()
         for path in paths:
             source = Path(path)
             key = source.name.split(".", 1)[0]
             for sibling in source.parent.glob(f"{key}.*"):
                 if sibling.is_file() and not sibling.name.endswith(bundle.SKIP_SUFFIXES):
-                    with contextlib.suppress(ValueError, OSError):
-                        name = f"inductor/{sibling.relative_to(self._cache)}"
-                        out[name] = sibling.read_bytes()
-        return out
+                    with contextlib.suppress(ValueError):
+                        names.add(f"inductor/{sibling.relative_to(self._cache)}")
+        return names
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "host": socket.gethostname(),
@@ -132,13 +131,12 @@ class CompileWorker:
             cpp_paths, self._cpp_paths = self._cpp_paths, None
         ok = response.error is None
         files = bundle.new_files(self._dirs, before) if ok else {}
-        # A kernel this worker built for an earlier graph is not rewritten: sent by name.
-        for kernel_hash, device in response.triton_kernels if ok else ():
-            files.update(bundle.files_under(
-                self._dirs, f"inductor/triton/{device}/{kernel_hash}"))
-        if ok:
-            files.update({k: v for k, v in self._cpp_files(cpp_paths).items()
-                          if k not in files})
+        if ok:  # a kernel built for an earlier graph is not rewritten: sent by name
+            named = self._cpp_names(cpp_paths)
+            for kernel_hash, device in response.triton_kernels:
+                named.update(bundle.names_under(
+                    self._dirs, f"inductor/triton/{device}/{kernel_hash}"))
+            files.update(bundle.read(self._dirs, named - files.keys()))
         if ok and self._toolchain and protocol.split_request(data)[0].host_cpu is not None:
             files = {**self._toolchain, **files}
         self.compiles += 1

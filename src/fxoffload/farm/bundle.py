@@ -16,6 +16,7 @@ import contextlib
 import os
 import struct
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOTS = ("inductor", "triton")  # which cache dir a relative path belongs to
@@ -39,25 +40,27 @@ def snapshot(dirs: dict[str, Path]) -> dict[str, float]:
 
 def new_files(dirs: dict[str, Path], before: dict[str, float]) -> dict[str, bytes]:
     """The files written since ``before`` (new, or rewritten), with their bytes."""
-    out: dict[str, bytes] = {}
-    for name, mtime in snapshot(dirs).items():
-        if before.get(name) != mtime:
-            root, rel = name.split("/", 1)
-            with contextlib.suppress(OSError):
-                out[name] = (dirs[root] / rel).read_bytes()
-    return out
+    return read(dirs, [name for name, mtime in snapshot(dirs).items()
+                       if before.get(name) != mtime])
 
 
-def files_under(dirs: dict[str, Path], name: str) -> dict[str, bytes]:
-    """The files under ``"root/relative/dir"``, with their bytes (none if it is absent)."""
+def names_under(dirs: dict[str, Path], name: str) -> list[str]:
+    """The names of the files under ``"root/relative/dir"`` (none if it is absent)."""
     root, rel = name.split("/", 1)
     base = dirs[root] / rel
+    if not base.is_dir():
+        return []
+    return [f"{root}/{path.relative_to(dirs[root])}" for path in base.rglob("*")
+            if path.is_file() and not path.name.endswith(SKIP_SUFFIXES)]
+
+
+def read(dirs: dict[str, Path], names: Iterable[str]) -> dict[str, bytes]:
+    """``"root/relative/path"`` -> bytes, for those of ``names`` that can be read."""
     out: dict[str, bytes] = {}
-    if base.is_dir():
-        for path in base.rglob("*"):
-            if path.is_file() and not path.name.endswith(SKIP_SUFFIXES):
-                with contextlib.suppress(OSError):
-                    out[f"{root}/{path.relative_to(dirs[root])}"] = path.read_bytes()
+    for name in names:
+        root, rel = name.split("/", 1)
+        with contextlib.suppress(OSError):
+            out[name] = (dirs[root] / rel).read_bytes()
     return out
 
 
