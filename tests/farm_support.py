@@ -77,14 +77,16 @@ class Farm:
 
         return ray.get(self.registry().stats.remote(), timeout=60)
 
-    def reset(self, *, store: bool = True) -> None:
-        """Counters to zero, and the store emptied (each test starts from a cold farm)."""
+    def reset(self, *, store: bool = True, graphs: bool | None = None) -> None:
+        """Counters to zero, and the store emptied (each test starts from a cold farm);
+        ``graphs`` (default: as ``store``) empties the clients' AOTAutograd entries."""
         import ray
 
         registry = self.registry()
         ray.get(registry.reset_stats.remote(), timeout=60)
-        if store:
-            ray.get(registry.clear_store.remote(), timeout=60)
+        graphs = store if graphs is None else graphs
+        if store or graphs:
+            ray.get(registry.clear_store.remote(responses=store, graphs=graphs), timeout=60)
 
 
 def start(state_dir: Path, workers: int = 2) -> Farm:

@@ -1,6 +1,7 @@
 """The farm never unpickles bytes from a peer that has not proven its key: a pickle that
 would create a canary file is sent to the registry and straight to a worker, unsigned,
-signed with another key, and signed for the wrong purpose; the canary never appears.
+signed with another key, and signed for the wrong purpose; the canary never appears, and
+the registry keeps none of them as a client's graphs (``farm.graphs``).
 A client holding another key is refused, and its step still runs (compiled locally)."""
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def test_canary_never_runs(farm: Any, tmp_path: Path) -> None:
         assert how == "refused" and reason == "unauthenticated", (what, how, message)
         with pytest.raises(ray.exceptions.RayTaskError, match="Unauthenticated"):
             ray.get(worker.compile.remote(payload))
+        # a client's graphs (farm.graphs) are kept only when signed with the farm's key
+        assert ray.get(registry.put_graphs.remote("cd" * 16, payload)) is False, what
+        assert ray.get(registry.get_graphs.remote("cd" * 16)) is None, what
         assert not canary.exists(), f"{what}: the payload ran"
-    assert farm.stats()["refused"] >= 3
+    assert farm.stats()["refused"] >= 6
 
 
 def test_client_with_another_key_is_refused(farm: Any, tmp_path: Path) -> None:

@@ -117,7 +117,56 @@ def has_symbols(shape_env: Any) -> bool:
     return bool(backed or getattr(shape_env, "var_to_range", None))
 
 
-_aot_watch: list[Any] = []
+_aot_watch: list[Any] = []  # callback(hit) once the cache was consulted
+_aot_before: list[Any] = []  # fn(key) before a local lookup (farm.graphs fetches here)
+_aot_saved: list[Any] = []  # fn(key, entry) after an entry was saved
+
+
+def _aot_seam() -> bool:
+    """AOTAutograd's cache lookup and save, wrapped once (``patches`` group "aot_cache")
+    to call the lists above; False where this torch's cache has no such seam."""
+    from . import patches
+
+    if patches.is_installed("aot_cache"):
+        return True
+    try:
+        from torch._functorch._aot_autograd import autograd_cache as module
+    except ImportError:
+        return False
+    cache = module.AOTAutogradCache
+    lookup, save = cache.__dict__.get("_lookup"), cache.__dict__.get("save")
+    key_fn = getattr(module, "autograd_cache_key", None)
+    if not (isinstance(lookup, staticmethod) and isinstance(save, staticmethod)
+            and key_fn is not None):
+        return False
+
+    def _lookup(key: str, local: bool, *args: Any, **kwargs: Any) -> Any:
+        if local:
+            for fn in _aot_before:
+                fn(key)
+        result = lookup.__func__(key, local, *args, **kwargs)
+        for fn in _aot_watch:
+            fn(result is not None)
+        return result
+
+    def autograd_cache_key(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return key_fn(*args, **kwargs)
+        except BaseException:
+            for fn in _aot_watch:
+                fn(False)
+            raise
+
+    def _save(key: str, entry: Any, *args: Any, **kwargs: Any) -> Any:
+        result = save.__func__(key, entry, *args, **kwargs)
+        for fn in _aot_saved:
+            fn(key, entry)
+        return result
+
+    patches.replace("aot_cache", cache, "_lookup", staticmethod(_lookup))
+    patches.replace("aot_cache", cache, "save", staticmethod(_save))
+    patches.replace("aot_cache", module, "autograd_cache_key", autograd_cache_key)
+    return True
 
 
 def watch_aot_cache_lookup(callback: Any) -> bool:
@@ -129,34 +178,46 @@ def watch_aot_cache_lookup(callback: Any) -> bool:
 
     if not functorch_config.enable_autograd_cache or config.force_disable_caches:
         return False
-    if not _aot_watch:
-        try:
-            from torch._functorch._aot_autograd import autograd_cache as module
-        except ImportError:
-            return False
-        lookup = module.AOTAutogradCache.__dict__.get("_lookup")
-        key_fn = getattr(module, "autograd_cache_key", None)
-        if not isinstance(lookup, staticmethod) or key_fn is None:
-            return False
+    if not _aot_seam():
+        return False
+    if callback not in _aot_watch:
         _aot_watch.append(callback)
-
-        def _lookup(*args: Any, **kwargs: Any) -> Any:
-            result = lookup.__func__(*args, **kwargs)
-            for fn in _aot_watch:
-                fn(result is not None)
-            return result
-
-        def autograd_cache_key(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return key_fn(*args, **kwargs)
-            except BaseException:
-                for fn in _aot_watch:
-                    fn(False)
-                raise
-
-        module.AOTAutogradCache._lookup = staticmethod(_lookup)  # type: ignore[method-assign]
-        module.autograd_cache_key = autograd_cache_key
     return True
+
+
+def on_aot_cache(*, before_lookup: Any, after_save: Any) -> bool:
+    """Call ``before_lookup(key)`` before AOTAutograd's cache looks ``key`` up locally and
+    ``after_save(key, entry)`` after it saved an entry; False where this torch has no
+    seam for it."""
+    if not _aot_seam():
+        return False
+    if before_lookup not in _aot_before:
+        _aot_before.append(before_lookup)
+    if after_save not in _aot_saved:
+        _aot_saved.append(after_save)
+    return True
+
+
+def aot_entry_dir(key: str) -> str:
+    from torch._functorch._aot_autograd.autograd_cache import AOTAutogradCache
+
+    return AOTAutogradCache._get_tmp_dir_for_key(key)
+
+
+def fx_graph_keys(entry: Any) -> list[str]:
+    """The FX graph cache keys an AOTAutograd cache entry loads (forward, backward)."""
+    keys = []
+    for value in vars(entry).values():
+        info = getattr(value, "fx_graph_cache_info", None)
+        if isinstance(info, tuple) and info and isinstance(info[0], str):
+            keys.append(info[0])
+    return keys
+
+
+def fx_graph_entry_dir(key: str) -> str:
+    from torch._inductor.codecache import FxGraphCache
+
+    return FxGraphCache._get_tmp_dir_for_key(key)
 
 
 def backward_compiled_at_once() -> Any:

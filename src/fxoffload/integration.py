@@ -132,7 +132,7 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
         from .offload import compile_scope
 
         install()
-        with counting_cache_hits(), compile_scope():
+        with counting_cache_hits(), compile_scope(), _farm_graphs(settings):
             return compile_fx(g, e, inner_compile=_with_settings(settings, compile_fx_inner),
                               **options)
 
@@ -175,6 +175,16 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
 
             get_executor(resolved).warmup()  # joins the farm's cluster now
     return fxoffload_backend
+
+
+def _farm_graphs(settings: Settings) -> contextlib.AbstractContextManager[None]:
+    """AOTAutograd's cache shared through the farm (``farm.graphs``), in mode farm."""
+    if settings.base_mode != "farm":
+        return contextlib.nullcontext()
+    from .executors import get_executor
+    from .farm.graphs import serving
+
+    return serving(get_executor(settings))
 
 
 def _warm_compile_pool() -> None:

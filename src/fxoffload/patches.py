@@ -17,6 +17,8 @@ The groups and who installs them:
     config        private_config: private config views for threads of ours (torch < 2.13)
     triton_bundle triton_bundle.capture: TritonBundler.put, while a compile runs
     farm_worker   farm.actors.CompileWorker (a farm worker's process only): codecache.write
+    aot_cache     _compat._aot_seam: AOTAutograd's cache lookup, key and save, calling
+                  fxoffload's observers (the deferred trace's wait, farm.graphs)
 
 Changes scoped to one ``with`` block (``state.restored``, ``_compat.quiet_output_code``)
 restore themselves and are not recorded here. ``fxoffload.shutdown()`` uninstalls every

@@ -21,12 +21,13 @@ from typing import Any
 
 from .. import signing
 from ..errors import FarmCompileFailed, FarmUnavailable, FxOffloadError, Unauthenticated
+from ..farm.actors import GRAPHS, REQUEST, RESPONSE
 from ..settings import Settings
 from ..tally import STATS
 from .base import Executor
 
 RETRY_AFTER_S = 30.0
-REQUEST, RESPONSE = b"request", b"response"
+GRAPHS_TIMEOUT_S = 30.0  # a set of graphs asked for or given (farm.graphs)
 
 
 class FarmExecutor(Executor):
@@ -120,6 +121,39 @@ class FarmExecutor(Executor):
         STATS.count_farm(how)
         future.set_result(raw)
 
+    def fetch_graphs(self, aot_key: str) -> dict[str, bytes] | None:
+        """The files of AOTAutograd cache entry ``aot_key`` that a client gave the farm
+        (``farm.graphs``), signature checked; None when the farm has none."""
+        registry = self._connect()
+        from .. import farm
+
+        signed = farm.import_ray().get(registry.get_graphs.remote(graphs_key(aot_key)),
+                                       timeout=GRAPHS_TIMEOUT_S)
+        if signed is None:
+            return None
+        assert self._key is not None
+        from ..errors import ProtocolError
+        from ..farm import bundle
+
+        name, files = bundle.unpack(signing.verify(self._key, signed, purpose=GRAPHS))
+        if name != aot_key.encode():
+            raise ProtocolError(f"the farm answered AOTAutograd key {aot_key} with the "
+                                f"graphs of {name[:80]!r}", reason="farm_graphs_mismatch")
+        return files
+
+    def publish_graphs(self, aot_key: str, files: dict[str, bytes]) -> None:
+        """Give the farm what another client needs for AOTAutograd key ``aot_key`` to hit."""
+        registry = self._connect()
+        from .. import farm
+        from ..farm import bundle
+
+        assert self._key is not None
+        signed = signing.sign(self._key, bundle.pack(aot_key.encode(), files),
+                              purpose=GRAPHS)
+        if not farm.import_ray().get(registry.put_graphs.remote(graphs_key(aot_key), signed),
+                                     timeout=GRAPHS_TIMEOUT_S):
+            raise Unauthenticated("the farm refused the graphs (signature)")
+
     def shutdown(self, *, wait: bool = True) -> None:
         """Leave the farm; it keeps running for others (``fxoffload farm down`` stops it)."""
         with self._lock:
@@ -130,19 +164,14 @@ class FarmExecutor(Executor):
 def _install_files(blob: bytes) -> bytes:
     """The response, after the kernels compiled with it are written into this process's
     cache dirs (``farm.bundle``), so that loading it compiles nothing."""
-    import os
-
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
     from ..errors import ProtocolError
     from ..farm import bundle
+    from ..farm.graphs import cache_dirs
 
     try:
         raw, files = bundle.unpack(blob)
-        dirs = {"inductor": Path(cache_dir())}
-        triton = os.environ.get("TRITON_CACHE_DIR")
-        if triton:  # the worker's Triton files sit at inductor/triton/<device>/...
-            dirs["triton"] = Path(triton)
+        dirs = cache_dirs()
+        if "triton" in dirs:  # the worker's Triton files sit at inductor/triton/<device>/...
             files = {_to_triton(name): data for name, data in files.items()}
         written = bundle.write_into(dirs, files)
     except (ValueError, OSError) as e:
@@ -163,6 +192,13 @@ def _to_triton(name: str) -> str:
     if len(parts) == 4 and parts[:2] == ["inductor", "triton"]:
         return f"triton/{parts[3]}"
     return name
+
+
+def graphs_key(aot_key: str) -> str:
+    """The store key of AOTAutograd cache entry ``aot_key``'s graphs (lowercase hex)."""
+    import hashlib
+
+    return hashlib.sha256(b"aot-graphs\0" + aot_key.encode()).hexdigest()
 
 
 def key_file_of(settings: Settings) -> Path:

@@ -37,6 +37,8 @@ NAMESPACE = "fxoffload"
 REGISTRY_NAME = "fxoffload-registry"
 REQUEST = b"request"
 RESPONSE = b"response"
+GRAPHS = b"graphs"  # a client's AOTAutograd cache entry and its files (farm.graphs)
+GRAPHS_DIR = "graphs"  # under the store's directory
 
 
 class CompileWorker:
@@ -164,6 +166,9 @@ class _Stats:
     workers_replaced: int = 0
     compile_s: float = 0.0
     refused: int = 0
+    graphs_hits: int = 0
+    graphs_misses: int = 0
+    graphs_puts: int = 0
     by_key: dict[str, int] = field(default_factory=dict)
 
 
@@ -178,6 +183,10 @@ class Registry:
         self._key = signing.load_key(Path(key_path))
         self._store = ArtifactStore(max_bytes=store_bytes,
                                     directory=Path(store_dir) if store_dir else None)
+        # AOTAutograd cache entries with their files, from clients (farm.graphs)
+        self._graphs = ArtifactStore(
+            max_bytes=store_bytes,
+            directory=Path(store_dir) / GRAPHS_DIR if store_dir else None)
         self._worker_options = worker_options
         self._work_dir = work_dir
         self._inflight: dict[str, asyncio.Future[tuple[str, Any]]] = {}
@@ -228,6 +237,26 @@ class Registry:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(future)
+
+    async def get_graphs(self, key: str) -> bytes | None:
+        """The signed graphs a client gave for ``key`` (``farm.graphs``), or None."""
+        data = self._graphs.get(key)
+        if data is None:
+            self._stats.graphs_misses += 1
+        else:
+            self._stats.graphs_hits += 1
+        return data
+
+    async def put_graphs(self, key: str, signed: bytes) -> bool:
+        """Keep a client's graphs for others, if the farm's key signed them."""
+        try:
+            signing.verify(self._key, signed, purpose=GRAPHS)
+        except Unauthenticated:
+            self._stats.refused += 1
+            return False
+        self._graphs.put(key, signed)
+        self._stats.graphs_puts += 1
+        return True
 
     async def _run(self, key: str, signed_request: bytes, timeout: float | None,
                    future: asyncio.Future[tuple[str, Any]]) -> None:
@@ -309,6 +338,9 @@ class Registry:
             "compiles": s.compiles, "failed": s.failed, "refused": s.refused,
             "redispatched": s.redispatched, "workers_replaced": s.workers_replaced,
             "compile_s": round(s.compile_s, 3),
+            "graphs_entries": len(self._graphs), "graphs_bytes": self._graphs.bytes,
+            "graphs_hits": s.graphs_hits, "graphs_misses": s.graphs_misses,
+            "graphs_puts": s.graphs_puts,
             "compiles_per_key_max": max(s.by_key.values(), default=0),
         }
 
@@ -316,8 +348,11 @@ class Registry:
         """Counters back to zero (tests); the store stays."""
         self._stats = _Stats()
 
-    def clear_store(self) -> None:
-        self._store.clear()
+    def clear_store(self, *, responses: bool = True, graphs: bool = True) -> None:
+        if responses:
+            self._store.clear()
+        if graphs:
+            self._graphs.clear()
 
     def shutdown(self) -> int:
         """Kill every worker (``farm down``); how many."""

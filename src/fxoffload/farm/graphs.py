@@ -1,0 +1,134 @@
+"""Whole graphs through the farm: AOTAutograd's cache entries, shared by the farm's clients.
+
+The farm's store answers a request after the client traced it through AOTAutograd and
+Inductor's front half (the joint-graph passes, the partitioner): work that costs a client
+as much as the `aot_eager` backend's whole first call again. A client whose graph the
+farm has seen skips it: AOTAutograd's cache is consulted before any of that runs, under a
+key computed from Dynamo's graph, so the farm keeps, per AOTAutograd cache key, the
+files a client's cache needs to hit: the entry, the FX graph cache entries it loads
+(forward, backward) and the kernels they run (C++ libraries, Triton's files).
+
+    client that compiled:  AOTAutogradCache.save(key) (after the backward's compile,
+                           which may be lazy) ─► the entry's files, and every
+                           file written into the cache dirs since the lookup missed ─►
+                           pack, sign ─► Registry.put_graphs (refused unless signed)
+    client that comes later: AOTAutogradCache._lookup(key), no local entry ─►
+                           Registry.get_graphs ─► signature checked ─► files written into
+                           this process's cache dirs ─► the lookup hits locally
+
+Files are only written once their envelope's signature holds (the farm's key), and a name
+that leaves its cache dir is refused (``bundle.write_into``): a set of graphs is code,
+like a compile result. Only graphs compiled through the farm executor are shared. A graph
+with collectives compiles synchronously on every rank (``offload.in_step``), so a rank
+that finds it here runs compiled code from its first call, as the others do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import bundle
+
+log = logging.getLogger("fxoffload.farm")
+
+_serving: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "fxoffload_farm_graphs", default=None)
+_lock = threading.Lock()
+# AOTAutograd cache key -> (executor, the cache dirs' files when its lookup missed): what
+# the compile then writes is published with the entry. The save may come later and on
+# another thread (a backward compiled at the first backward call), so it is not looked up
+# in ``_serving``.
+_missed: dict[str, tuple[Any, dict[str, float]]] = {}
+_MISSED_KEPT = 256
+
+
+@contextlib.contextmanager
+def serving(executor: Any) -> Iterator[None]:
+    """AOTAutograd cache lookups and saves inside the block go through ``executor``
+    (a ``FarmExecutor``): a local miss asks the farm, a save publishes to it."""
+    from .. import _compat
+
+    if not _compat.on_aot_cache(before_lookup=_before_lookup, after_save=_after_save):
+        yield
+        return
+    token = _serving.set(executor)
+    try:
+        yield
+    finally:
+        _serving.reset(token)
+
+
+def cache_dirs() -> dict[str, Path]:
+    """This process's cache dirs by bundle root: Inductor's, and Triton's where it is set
+    apart (else Triton's files are under Inductor's)."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    dirs = {"inductor": Path(cache_dir())}
+    triton = os.environ.get("TRITON_CACHE_DIR")
+    if triton:
+        dirs["triton"] = Path(triton)
+    return dirs
+
+
+def _name(dirs: dict[str, Path], path: str) -> str:
+    return f"inductor/{Path(path).relative_to(dirs['inductor'])}"
+
+
+def _before_lookup(key: str) -> None:
+    executor = _serving.get()
+    if executor is None:
+        return
+    from .. import _compat
+    from ..executors.farm import INSTALLED
+    from ..tally import STATS
+
+    if Path(_compat.aot_entry_dir(key)).is_dir():
+        return  # a local entry: AOTAutograd's own lookup decides
+    dirs = cache_dirs()
+    try:
+        files = executor.fetch_graphs(key)
+        if files:
+            written = bundle.write_into(dirs, files)
+            INSTALLED.update(written)
+            STATS.add(farm_files_installed=len(written))
+            STATS.count_farm("graphs_hit")
+            return
+    except Exception as e:  # noqa: BLE001 - the graph compiles as if the farm had none
+        log.warning("fxoffload: the farm's graphs for AOTAutograd key %s could not be "
+                    "used (%s: %s); compiling it", key, type(e).__name__, e)
+    with _lock:
+        _missed[key] = (executor, bundle.snapshot(dirs))
+        while len(_missed) > _MISSED_KEPT:  # keys AOTAutograd never saved (bypassed)
+            del _missed[next(iter(_missed))]
+
+
+def _after_save(key: str, entry: Any) -> None:
+    with _lock:
+        missed = _missed.pop(key, None)
+    if missed is None:
+        return  # not compiled through the farm, or AOTAutograd's own cache had it
+    executor, before = missed
+    from .. import _compat
+
+    entry_dir = Path(_compat.aot_entry_dir(key))
+    if not entry_dir.is_dir():
+        return  # AOTAutograd could not save it: nothing another client could load
+    dirs = cache_dirs()
+    names = set(bundle.names_under(dirs, _name(dirs, str(entry_dir))))
+    for fx_key in _compat.fx_graph_keys(entry):
+        names.update(bundle.names_under(dirs, _name(dirs, _compat.fx_graph_entry_dir(fx_key))))
+    files = bundle.read(dirs, names)
+    files.update(bundle.new_files(dirs, before))
+    try:
+        executor.publish_graphs(key, files)
+    except Exception as e:  # noqa: BLE001 - this process has its graph; others compile
+        log.warning("fxoffload: could not give the farm the graphs for AOTAutograd key "
+                    "%s (%s: %s)", key, type(e).__name__, e)

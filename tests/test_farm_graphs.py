@@ -1,0 +1,41 @@
+"""Whole graphs through the farm (``fxoffload.farm.graphs``): a client that compiled a
+graph gives the farm its AOTAutograd cache entry with the files it loads; a later client,
+with a cache dir of its own, finds it before tracing through AOTAutograd and Inductor's
+front half: no request reaches the farm's workers or its store of responses, no kernel
+is built, and every output equals stock's. Without the farm's graphs, the later client
+is answered from the store of responses instead (tests/test_farm_single_flight.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from test_farm_single_flight import _assert_stock, _clients
+
+
+def test_a_later_client_loads_the_whole_graph_from_the_farm(farm: Any,
+                                                            tmp_path: Path) -> None:
+    farm.reset()
+    (first,) = _clients(farm, tmp_path / "first", 1)
+    _assert_stock([first])
+    stats = farm.stats()
+    # one Dynamo graph: one AOTAutograd entry (forward and backward) given to the farm
+    assert stats["compiles"] == 2 and stats["graphs_puts"] == 1, stats
+    assert stats["graphs_misses"] == 1 and stats["graphs_hits"] == 0, stats
+    assert first["stats"]["farm"] == {"compiled": 2}, first["stats"]["farm"]
+
+    farm.reset(store=False)
+    (later,) = _clients(farm, tmp_path / "later", 1)
+    _assert_stock([later])
+    stats = farm.stats()
+    assert stats["graphs_hits"] == 1 and stats["graphs_puts"] == 0, stats
+    # nothing asked of the store of responses, nothing compiled
+    assert stats["requests"] == 0 and stats["compiles"] == 0, stats
+    assert later["stats"]["farm"] == {"graphs_hit": 1}, later["stats"]["farm"]
+    assert later["stats"]["aot_cache_hits"] == 1, later["stats"]
+    assert later["stats"]["graphs_offloaded"] == 0
+    # every kernel library the later client has came from the farm
+    cache = tmp_path / "later" / "cache0"
+    built = {f"inductor/{p.relative_to(cache)}" for p in cache.rglob("*.so")}
+    assert built and built <= set(later["installed"]), built
+
