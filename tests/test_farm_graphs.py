@@ -3,7 +3,8 @@ graph gives the farm its AOTAutograd cache entry with the files it loads; a late
 with a cache dir of its own, finds it before tracing through AOTAutograd and Inductor's
 front half: no request reaches the farm's workers or its store of responses, no kernel
 is built, and every output equals stock's. Without the farm's graphs, the later client
-is answered from the store of responses instead (tests/test_farm_single_flight.py)."""
+is answered from the store of responses instead (tests/test_farm_single_flight.py).
+Clients that miss at once wait for the one that leads (single-flight at this level)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from test_farm_single_flight import _assert_stock, _clients
 def test_a_later_client_loads_the_whole_graph_from_the_farm(farm: Any,
                                                             tmp_path: Path) -> None:
     farm.reset()
-    (first,) = _clients(farm, tmp_path / "first", 1)
+    (first,) = _clients(farm, tmp_path / "first", 1, graphs=True)
     _assert_stock([first])
     stats = farm.stats()
     # one Dynamo graph: one AOTAutograd entry (forward and backward) given to the farm
@@ -25,7 +26,7 @@ def test_a_later_client_loads_the_whole_graph_from_the_farm(farm: Any,
     assert first["stats"]["farm"] == {"compiled": 2}, first["stats"]["farm"]
 
     farm.reset(store=False)
-    (later,) = _clients(farm, tmp_path / "later", 1)
+    (later,) = _clients(farm, tmp_path / "later", 1, graphs=True)
     _assert_stock([later])
     stats = farm.stats()
     assert stats["graphs_hits"] == 1 and stats["graphs_puts"] == 0, stats
@@ -39,3 +40,20 @@ def test_a_later_client_loads_the_whole_graph_from_the_farm(farm: Any,
     built = {f"inductor/{p.relative_to(cache)}" for p in cache.rglob("*.so")}
     assert built and built <= set(later["installed"]), built
 
+
+
+def test_clients_at_once_wait_for_the_one_that_compiles(farm: Any, tmp_path: Path) -> None:
+    farm.reset()
+    results = _clients(farm, tmp_path, 3, graphs=True)
+    _assert_stock(results)
+    stats = farm.stats()
+    # one client traced the graph and asked the workers (forward, backward); the other
+    # two waited for its graphs (or found them, if they came after it gave them)
+    assert stats["requests"] == 2 and stats["compiles"] == 2, stats
+    assert stats["graphs_puts"] == 1, stats
+    assert stats["graphs_joins"] + stats["graphs_hits"] == 2, stats
+    outcomes = sorted(str(sorted(r["stats"]["farm"].items())) for r in results)
+    assert outcomes[0] == "[('compiled', 2)]", outcomes
+    assert all(o in ("[('graphs_joined', 1)]", "[('graphs_hit', 1)]")
+               for o in outcomes[1:]), outcomes
+    assert sum(r["stats"]["graphs_offloaded"] for r in results) == 2

@@ -37,7 +37,10 @@ def test_ranks_share_one_compile_and_stay_in_step(farm: Any, tmp_path: Path) -> 
         assert r["same"], ranks
         assert r["eager_runs"] == 0, ranks  # compiled from the first call on every rank
         assert r["fallbacks"] == {}, ranks
-        assert r["offloaded"] == 1, ranks
+        # one graph per rank: sent to the farm, or its whole graph (farm.graphs) taken
+        # from the rank that sent it
+        assert r["offloaded"] + r["farm"].get("graphs_joined", 0) \
+            + r["farm"].get("graphs_hit", 0) == 1, ranks
     stats = farm.stats()
     assert stats["compiles"] == 1 and stats["compiles_per_key_max"] == 1, stats
     assert sorted(sum(r["farm"].values()) for r in ranks) == [1, 1, 1]

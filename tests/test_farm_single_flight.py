@@ -26,12 +26,15 @@ def _stock() -> list[torch.Tensor]:
     return step(torch.compile(model, backend="inductor"), x)
 
 
-def _clients(farm: Any, tmp_path: Path, count: int, mode: str = "farm") -> list[dict]:
+def _clients(farm: Any, tmp_path: Path, count: int, mode: str = "farm",
+             graphs: bool = False) -> list[dict]:
     # Each client has a cache dir of its own, as ranks on other machines would: nothing
-    # is shared but through the farm (the kernels come with the response).
+    # is shared but through the farm (the kernels come with the response). Whole graphs
+    # (farm.graphs: AOTAutograd's entries) are shared only when ``graphs``: without
+    # them every client sends its requests, which these tests are about.
     outs = [tmp_path / f"client{i}.pt" for i in range(count)]
     procs = [subprocess.Popen([sys.executable, str(HERE / "farm_client.py"), str(out), mode],
-                              env={**farm.env(),
+                              env={**farm.env(), "FXOFFLOAD_FARM_GRAPHS": str(int(graphs)),
                                    "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"cache{i}")},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i, out in enumerate(outs)]
@@ -73,9 +76,8 @@ def test_three_clients_one_compile_per_graph(farm: Any, tmp_path: Path) -> None:
     # the farm was started with --store: what it compiled is on disk for a restarted farm
     assert len(list((farm.state_dir / "store").glob("*/*.fxr"))) >= 2
 
-    # a client that comes later, the clients' AOTAutograd entries forgotten
-    # (tests/test_farm_graphs.py): both graphs from the store, nothing compiled
-    farm.reset(store=False, graphs=True)
+    # a client that comes later: both graphs from the store, nothing compiled
+    farm.reset(store=False)
     (tmp_path / "later").mkdir()
     (later,) = _clients(farm, tmp_path / "later", 1)
     _assert_stock([later])

@@ -179,12 +179,12 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
 
 def _farm_graphs(settings: Settings) -> contextlib.AbstractContextManager[None]:
     """AOTAutograd's cache shared through the farm (``farm.graphs``), in mode farm."""
-    if settings.base_mode != "farm":
+    if settings.base_mode != "farm" or not settings.farm_graphs:
         return contextlib.nullcontext()
     from .executors import get_executor
-    from .farm.graphs import serving
+    from .farm.graphs import LEASE_S, serving
 
-    return serving(get_executor(settings))
+    return serving(get_executor(settings), lease_s=min(settings.timeout, LEASE_S))
 
 
 def _warm_compile_pool() -> None:

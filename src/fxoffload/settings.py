@@ -58,6 +58,7 @@ class Settings:
     defer_trace: bool = True
     farm: str | None = None  # the farm's Ray address (mode "farm"); see fxoffload.farm
     farm_key: Path | None = None  # the farm key file (default: fxoffload.signing's)
+    farm_graphs: bool = True  # share whole graphs through the farm (fxoffload.farm.graphs)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -317,8 +318,9 @@ _ENV: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "defer_trace": ("FXOFFLOAD_DEFER_TRACE", _bool),
     "farm": ("FXOFFLOAD_FARM", _address),
     "farm_key": ("FXOFFLOAD_FARM_KEY_FILE", _path),
+    "farm_graphs": ("FXOFFLOAD_FARM_GRAPHS", _bool),
 }
 
 # Fields that may not be None (the others' None means "decide later").
 _REQUIRED = {"mode", "workers", "timeout", "startup_timeout", "on_failure",
-             "worker_imports", "defer_trace"}
+             "worker_imports", "defer_trace", "farm_graphs"}

@@ -121,16 +121,20 @@ class FarmExecutor(Executor):
         STATS.count_farm(how)
         future.set_result(raw)
 
-    def fetch_graphs(self, aot_key: str) -> dict[str, bytes] | None:
+    def fetch_graphs(self, aot_key: str, *,
+                     lease_s: float = 0.0) -> tuple[str, dict[str, bytes] | None]:
         """The files of AOTAutograd cache entry ``aot_key`` that a client gave the farm
-        (``farm.graphs``), signature checked; None when the farm has none."""
+        (``farm.graphs``), signature checked, as ``(how, files)``: see
+        ``Registry.get_graphs`` (``"lead"``: this process is to compile and give them
+        within ``lease_s``, others waiting for it)."""
         registry = self._connect()
         from .. import farm
 
-        signed = farm.import_ray().get(registry.get_graphs.remote(graphs_key(aot_key)),
-                                       timeout=GRAPHS_TIMEOUT_S)
+        how, signed = farm.import_ray().get(
+            registry.get_graphs.remote(graphs_key(aot_key), lease_s),
+            timeout=lease_s + GRAPHS_TIMEOUT_S)
         if signed is None:
-            return None
+            return how, None
         assert self._key is not None
         from ..errors import ProtocolError
         from ..farm import bundle
@@ -139,7 +143,13 @@ class FarmExecutor(Executor):
         if name != aot_key.encode():
             raise ProtocolError(f"the farm answered AOTAutograd key {aot_key} with the "
                                 f"graphs of {name[:80]!r}", reason="farm_graphs_mismatch")
-        return files
+        return how, files
+
+    def release_graphs(self, aot_key: str, after_s: float) -> None:
+        """This process gives the graphs it leads (``fetch_graphs``) within ``after_s``,
+        or never (0)."""
+        registry = self._connect()
+        registry.release_graphs.remote(graphs_key(aot_key), after_s)  # no need to wait
 
     def publish_graphs(self, aot_key: str, files: dict[str, bytes]) -> None:
         """Give the farm what another client needs for AOTAutograd key ``aot_key`` to hit."""

@@ -169,6 +169,7 @@ class _Stats:
     graphs_hits: int = 0
     graphs_misses: int = 0
     graphs_puts: int = 0
+    graphs_joins: int = 0
     by_key: dict[str, int] = field(default_factory=dict)
 
 
@@ -190,6 +191,8 @@ class Registry:
         self._worker_options = worker_options
         self._work_dir = work_dir
         self._inflight: dict[str, asyncio.Future[tuple[str, Any]]] = {}
+        # graphs a client is compiling (farm.graphs): others wait for its put_graphs
+        self._leases: dict[str, asyncio.Future[bytes | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stats = _Stats()
         self._generation = 0
@@ -238,14 +241,38 @@ class Registry:
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(future)
 
-    async def get_graphs(self, key: str) -> bytes | None:
-        """The signed graphs a client gave for ``key`` (``farm.graphs``), or None."""
+    async def get_graphs(self, key: str, lease_s: float = 0.0) -> tuple[str, bytes | None]:
+        """The signed graphs a client gave for ``key`` (``farm.graphs``): ``("hit",
+        graphs)``; ``("joined", graphs)`` after waiting (at most ``lease_s``) for the client
+        that is compiling them; ``("lead", None)``: none, and the asker is now that client
+        for ``lease_s`` (others wait for it); ``("miss", None)``: compile it yourself."""
         data = self._graphs.get(key)
-        if data is None:
-            self._stats.graphs_misses += 1
-        else:
+        if data is not None:
             self._stats.graphs_hits += 1
-        return data
+            return "hit", data
+        lease = self._leases.get(key)
+        if lease is not None:
+            self._stats.graphs_joins += 1
+            with contextlib.suppress(TimeoutError):
+                data = await asyncio.wait_for(asyncio.shield(lease), lease_s)
+            if data is not None:
+                return "joined", data
+            self._stats.graphs_misses += 1
+            return "miss", None  # the leader gave up or is late: no second lease
+        self._stats.graphs_misses += 1
+        if lease_s <= 0:
+            return "miss", None
+        lease = asyncio.get_running_loop().create_future()
+        self._leases[key] = lease
+        asyncio.get_running_loop().call_later(lease_s, self._end_lease, key, lease, None)
+        return "lead", None
+
+    def _end_lease(self, key: str, lease: asyncio.Future[bytes | None],
+                   data: bytes | None) -> None:
+        if self._leases.get(key) is lease:
+            del self._leases[key]
+        if not lease.done():
+            lease.set_result(data)
 
     async def put_graphs(self, key: str, signed: bytes) -> bool:
         """Keep a client's graphs for others, if the farm's key signed them."""
@@ -256,7 +283,21 @@ class Registry:
             return False
         self._graphs.put(key, signed)
         self._stats.graphs_puts += 1
+        lease = self._leases.get(key)
+        if lease is not None:
+            self._end_lease(key, lease, signed)
         return True
+
+    async def release_graphs(self, key: str, after_s: float) -> None:
+        """The leader of ``key`` gives its graphs within ``after_s`` (0: never), or the
+        clients waiting for them compile."""
+        lease = self._leases.get(key)
+        if lease is None:
+            return
+        if after_s <= 0:
+            self._end_lease(key, lease, None)
+        else:
+            asyncio.get_running_loop().call_later(after_s, self._end_lease, key, lease, None)
 
     async def _run(self, key: str, signed_request: bytes, timeout: float | None,
                    future: asyncio.Future[tuple[str, Any]]) -> None:
@@ -340,7 +381,7 @@ class Registry:
             "compile_s": round(s.compile_s, 3),
             "graphs_entries": len(self._graphs), "graphs_bytes": self._graphs.bytes,
             "graphs_hits": s.graphs_hits, "graphs_misses": s.graphs_misses,
-            "graphs_puts": s.graphs_puts,
+            "graphs_puts": s.graphs_puts, "graphs_joins": s.graphs_joins,
             "compiles_per_key_max": max(s.by_key.values(), default=0),
         }
 

@@ -16,6 +16,13 @@ files a client's cache needs to hit: the entry, the FX graph cache entries it lo
                            Registry.get_graphs ─► signature checked ─► files written into
                            this process's cache dirs ─► the lookup hits locally
 
+Single-flight at this level too: the first client that misses leads (the registry gives
+it a lease of ``LEASE_S`` at most); clients that miss while it compiles wait for its
+graphs instead of tracing the graph themselves, and compile it themselves only when the
+leader gives up (its compile failed, AOTAutograd would not save it) or the lease ends (a
+leader that died costs the others at most ``LEASE_S``; one that never runs the backward
+it compiles lazily, ``PENDING_S`` after its forward compiled).
+
 Files are only written once their envelope's signature holds (the farm's key), and a name
 that leaves its cache dir is refused (``bundle.write_into``): a set of graphs is code,
 like a compile result. Only graphs compiled through the farm executor are shared. A graph
@@ -27,12 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import FarmUnavailable
 from . import bundle
 
 log = logging.getLogger("fxoffload.farm")
@@ -46,22 +55,48 @@ _lock = threading.Lock()
 # in ``_serving``.
 _missed: dict[str, tuple[Any, dict[str, float]]] = {}
 _MISSED_KEPT = 256
+LEASE_S = 120.0  # the longest a client waits for another's graphs
+PENDING_S = 60.0  # ... once the other's forward compiled and its backward has not
+
+
+@dataclasses.dataclass
+class _Block:
+    executor: Any
+    lease_s: float
+    led: list[str] = dataclasses.field(default_factory=list)
 
 
 @contextlib.contextmanager
-def serving(executor: Any) -> Iterator[None]:
+def serving(executor: Any, *, lease_s: float) -> Iterator[None]:
     """AOTAutograd cache lookups and saves inside the block go through ``executor``
-    (a ``FarmExecutor``): a local miss asks the farm, a save publishes to it."""
+    (a ``FarmExecutor``): a local miss asks the farm (waiting at most ``lease_s`` for a
+    client compiling the same graph), a save publishes to it. Graphs this block leads and
+    has not given yet are released when it ends: at once when the compile failed or
+    AOTAutograd's cache bypassed the graph; else within ``PENDING_S`` (a backward that
+    AOTAutograd compiles at the first backward call saves the entry then)."""
+    from torch._dynamo.utils import counters
+
     from .. import _compat
 
     if not _compat.on_aot_cache(before_lookup=_before_lookup, after_save=_after_save):
         yield
         return
-    token = _serving.set(executor)
+    block = _Block(executor, lease_s)
+    token = _serving.set(block)
+    bypassed = counters["aot_autograd"]["autograd_cache_bypass"]
+    failed = True
     try:
         yield
+        failed = False
     finally:
         _serving.reset(token)
+        failed = failed or counters["aot_autograd"]["autograd_cache_bypass"] > bypassed
+        for key in block.led:
+            with _lock:
+                unsaved = key in _missed
+            if unsaved:
+                with contextlib.suppress(Exception):
+                    executor.release_graphs(key, 0.0 if failed else PENDING_S)
 
 
 def cache_dirs() -> dict[str, Path]:
@@ -83,9 +118,10 @@ def _name(dirs: dict[str, Path], path: str) -> str:
 
 
 def _before_lookup(key: str) -> None:
-    executor = _serving.get()
-    if executor is None:
+    block = _serving.get()
+    if block is None:
         return
+    executor = block.executor
     from .. import _compat
     from ..executors.farm import INSTALLED
     from ..tally import STATS
@@ -94,13 +130,17 @@ def _before_lookup(key: str) -> None:
         return  # a local entry: AOTAutograd's own lookup decides
     dirs = cache_dirs()
     try:
-        files = executor.fetch_graphs(key)
+        how, files = executor.fetch_graphs(key, lease_s=block.lease_s)
         if files:
             written = bundle.write_into(dirs, files)
             INSTALLED.update(written)
             STATS.add(farm_files_installed=len(written))
-            STATS.count_farm("graphs_hit")
+            STATS.count_farm(f"graphs_{how}")  # graphs_hit, graphs_joined
             return
+        if how == "lead":
+            block.led.append(key)
+    except FarmUnavailable as e:  # the request will say so, once (its on_failure policy)
+        log.debug("fxoffload: no graphs from the farm: %s", e)
     except Exception as e:  # noqa: BLE001 - the graph compiles as if the farm had none
         log.warning("fxoffload: the farm's graphs for AOTAutograd key %s could not be "
                     "used (%s: %s); compiling it", key, type(e).__name__, e)
@@ -129,6 +169,8 @@ def _after_save(key: str, entry: Any) -> None:
     files.update(bundle.new_files(dirs, before))
     try:
         executor.publish_graphs(key, files)
+    except FarmUnavailable as e:  # reported by the request already
+        log.debug("fxoffload: graphs not given to the farm: %s", e)
     except Exception as e:  # noqa: BLE001 - this process has its graph; others compile
         log.warning("fxoffload: could not give the farm the graphs for AOTAutograd key "
                     "%s (%s: %s)", key, type(e).__name__, e)
