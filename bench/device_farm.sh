@@ -34,5 +34,5 @@ if command -v ip >/dev/null && unshare --net true 2>/dev/null; then
     unshare --net -- bash -c inner
 else
     echo "no network namespace here (unshare refused): this machine reaches nothing outside it"
-    export FXOFFLOAD_BENCH_ISOLATED_HOST=1; inner
+    export FXOFFLOAD_ISOLATED_HOST=1; inner
 fi

@@ -397,10 +397,10 @@ def ensure_loopback_only(argv: list[str]) -> None:
 
     if loopback_only():
         return
-    if os.environ.get("FXOFFLOAD_BENCH_ISOLATED_HOST") == "1":
+    if os.environ.get("FXOFFLOAD_ISOLATED_HOST") == "1":
         # Only for a machine that reaches nothing outside itself (the GPU machine, which
         # has no unshare): its interfaces lead nowhere.
-        print("bench/farm.py: FXOFFLOAD_BENCH_ISOLATED_HOST=1: running on the host's "
+        print("bench/farm.py: FXOFFLOAD_ISOLATED_HOST=1: running on the host's "
               "network (this machine reaches nothing outside itself)", file=sys.stderr)
         return
     if os.environ.get(NETNS_ENV):

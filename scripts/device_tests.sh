@@ -7,10 +7,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/fxoffload-out}"; mkdir -p "$OUT"
+# Ray for the farm tests, where bench/pack_ray_for_device.sh packed it into .devray/.
+if [[ -f .devray/ray312.tar.xz ]]; then
+    . bench/device_ray_setup.sh
+fi
 if ! python3 -c "import pytest, pytest_timeout" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src" PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/fxoffload-inductor-cache
@@ -23,4 +27,12 @@ try:
 except ImportError:
     print("transformers missing")
 PY
-python3 -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 "$@" 2>&1 | tee "$OUT/tests.log"
+pytest=(python3 -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 "$@")
+# A Ray head binds every interface: the farm tests run only in a loopback-only namespace.
+if command -v ip >/dev/null && unshare --net true 2>/dev/null; then
+    pytest=(unshare --net -- sh -c 'ip link set lo up && exec "$@"' sh "${pytest[@]}")
+else
+    echo "no network namespace here (unshare refused): this machine reaches nothing outside it"
+    export FXOFFLOAD_ISOLATED_HOST=1
+fi
+"${pytest[@]}" 2>&1 | tee "$OUT/tests.log"
