@@ -149,11 +149,26 @@ def _ready_to_send(ray: ModuleType) -> None:
 
 
 def _same_address(a: str, b: str) -> bool:
-    def norm(address: str) -> tuple[str, str]:
-        host, _, port = address.rpartition(":")
-        return ("127.0.0.1" if host == "localhost" else host), port
+    """Whether two ``HOST:PORT`` name one GCS. Ray rewrites a loopback bootstrap address
+    to the node's own IP (``resolve_ip_for_localhost``) where the machine has another
+    interface, so two hosts of this machine count as one."""
+    host_a, _, port_a = a.rpartition(":")
+    host_b, _, port_b = b.rpartition(":")
+    if port_a != port_b:
+        return False
+    return host_a == host_b or (_is_this_machine(host_a) and _is_this_machine(host_b))
 
-    return norm(a) == norm(b)
+
+def _is_this_machine(host: str) -> bool:
+    if host in ("localhost", "127.0.0.1", "::1"):
+        return True
+    try:
+        # Binding succeeds only to an address one of this machine's interfaces holds.
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host.strip("[]"), 0))
+        return True
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
