@@ -42,6 +42,7 @@ FXOFFLOAD = {  # config -> (mode, pre-warm the pool before the timer)
     "fxoffload-async": ("async+subprocess", True),
     "fxoffload-async-cold": ("async+subprocess", False),
     "fxoffload-progressive": ("progressive+subprocess", True),
+    "fxoffload-async-serde": ("async+serde", False),  # compiled on a thread of this process
 }
 
 # ---------------------------------------------------------------------------------------

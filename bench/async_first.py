@@ -40,7 +40,7 @@ CHILD = HERE / "_async_child.py"
 RESULT_MARKER = "ASYNC_FIRST_RESULT "  # keep in step with _async_child.py
 
 CONFIGS = ("eager", "aot-eager", "stock-normal", "stock-async", "fxoffload-async",
-           "fxoffload-async-cold", "fxoffload-progressive")
+           "fxoffload-async-cold", "fxoffload-progressive", "fxoffload-async-serde")
 DEFAULT_CONFIGS = CONFIGS[:6]  # all but fxoffload-progressive
 MODELS = ("gpt2", "bert", "llama", "breaks")
 FLOOR = "eager"  # the first-output target's floor: Dynamo only, no AOTAutograd
