@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import patches
+from . import patches, pool_start
 from .settings import Settings
 
 log = logging.getLogger("fxoffload")
@@ -133,7 +133,7 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
 
         install()
         with counting_cache_hits(), compile_scope(), _farm_graphs(settings), \
-                _pool_on_miss(settings):
+                pool_start.on_miss(settings):
             return compile_fx(g, e, inner_compile=_with_settings(settings, compile_fx_inner),
                               **options)
 
@@ -319,7 +319,7 @@ def surfaced(error: BaseException) -> BaseException:
 
 def start_background(settings: Settings) -> None:
     """Background modes start their workers early, so the first compile does not wait
-    for them: at the first AOTAutograd cache miss (``_starts_on_miss``), else now, while
+    for them: at the first AOTAutograd cache miss (``pool_start``), else now, while
     Dynamo traces; and draw their progress line if asked to."""
     from . import isolation, progress
     from .executors import get_executor
@@ -327,57 +327,11 @@ def start_background(settings: Settings) -> None:
     isolation.install()  # here, on the caller's thread, before anything traces
     if settings.show_progress:
         progress.enable()
-    if _starts_on_miss(settings):
+    if pool_start.waits_for_miss(settings):
         return
     # A compile is about to come: the workers only get their CUDA context and compile
     # pool ready, not a warm-up compile that the first request would wait behind.
     get_executor(settings).warmup(wait=False, full=False)
-
-
-# The background settings of the backend call in progress on this thread, whose pool
-# starts at its first AOTAutograd cache miss (``_starts_on_miss``).
-_missing_starts: contextvars.ContextVar[Settings | None] = contextvars.ContextVar(
-    "fxoffload_pool_on_miss", default=None)
-
-
-def _starts_on_miss(settings: Settings) -> bool:
-    """Whether ``settings``' worker pool waits for the first AOTAutograd cache miss
-    instead of starting with the backend. A process whose graphs all hit the caches (a
-    restart) then starts no worker: on 2 cores, a worker importing torch beside compiled
-    code made its calls take 220 ms instead of 0.35 ms for about 2 s. A miss is known
-    when the first graph's lookup is done, after its first eager call (bench/README.md,
-    2026-12-04). Only where a hit is possible: an empty cache dir (a cold start) or a
-    cache that is off starts the pool now, as does the farm (its workers are warm)."""
-    if settings.base_mode != "subprocess":
-        return False
-    from . import _compat
-
-    return _compat.cache_can_hit() and _compat.watch_aot_cache_lookup(_start_pool_if_missed)
-
-
-def _start_pool_if_missed(hit: bool) -> None:
-    settings = _missing_starts.get()
-    if hit or settings is None:
-        return
-    from .errors import FxOffloadError
-    from .executors import get_executor
-
-    try:
-        get_executor(settings).warmup(wait=False, full=False)
-    except FxOffloadError as e:  # the submit that follows reports it
-        log.debug("fxoffload: pool not started at the cache miss: %s", e)
-
-
-@contextlib.contextmanager
-def _pool_on_miss(settings: Settings) -> Iterator[None]:
-    if not settings.background:
-        yield
-        return
-    token = _missing_starts.set(settings)
-    try:
-        yield
-    finally:
-        _missing_starts.reset(token)
 
 
 def __getattr__(name: str) -> Any:

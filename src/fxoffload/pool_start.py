@@ -1,0 +1,64 @@
+"""When a background backend's worker pool starts: with the backend, or, where
+AOTAutograd's cache could answer, at the first graph that misses it (a restart whose
+graphs all hit then starts no worker).
+
+    backend made ── waits_for_miss? ── no ──► pool.warmup(full=False) now
+                          │ yes
+    backend call ── on_miss(settings) ── AOTAutograd lookup ── miss ──► pool.warmup(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections.abc import Iterator
+
+from .settings import Settings
+
+log = logging.getLogger("fxoffload")
+
+# The background settings of the backend call in progress on this thread, whose pool
+# starts at its first AOTAutograd cache miss (``waits_for_miss``).
+_settings: contextvars.ContextVar[Settings | None] = contextvars.ContextVar(
+    "fxoffload_pool_on_miss", default=None)
+
+
+def waits_for_miss(settings: Settings) -> bool:
+    """Whether ``settings``' worker pool waits for the first AOTAutograd cache miss
+    instead of starting with the backend. A process whose graphs all hit the caches (a
+    restart) then starts no worker: on 2 cores, a worker importing torch beside compiled
+    code made its calls take 220 ms instead of 0.35 ms for about 2 s. A miss is known
+    when the first graph's lookup is done, after its first eager call (bench/README.md,
+    2026-12-04). Only where a hit is possible: an empty cache dir (a cold start) or a
+    cache that is off starts the pool now, as does the farm (its workers are warm)."""
+    if settings.base_mode != "subprocess":
+        return False
+    from . import _compat
+
+    return _compat.cache_can_hit() and _compat.watch_aot_cache_lookup(_start_if_missed)
+
+
+def _start_if_missed(hit: bool) -> None:
+    settings = _settings.get()
+    if hit or settings is None:
+        return
+    from .errors import FxOffloadError
+    from .executors import get_executor
+
+    try:
+        get_executor(settings).warmup(wait=False, full=False)
+    except FxOffloadError as e:  # the submit that follows reports it
+        log.debug("fxoffload: pool not started at the cache miss: %s", e)
+
+
+@contextlib.contextmanager
+def on_miss(settings: Settings) -> Iterator[None]:
+    if not settings.background:
+        yield
+        return
+    token = _settings.set(settings)
+    try:
+        yield
+    finally:
+        _settings.reset(token)
