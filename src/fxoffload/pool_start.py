@@ -24,6 +24,10 @@ _settings: contextvars.ContextVar[Settings | None] = contextvars.ContextVar(
     "fxoffload_pool_on_miss", default=None)
 
 
+def _has_pool(settings: Settings) -> bool:
+    return settings.background and settings.base_mode == "subprocess"
+
+
 def waits_for_miss(settings: Settings) -> bool:
     """Whether ``settings``' worker pool waits for the first AOTAutograd cache miss
     instead of starting with the backend. A process whose graphs all hit the caches (a
@@ -32,7 +36,7 @@ def waits_for_miss(settings: Settings) -> bool:
     when the first graph's lookup is done, after its first eager call (bench/README.md,
     2026-12-04). Only where a hit is possible: an empty cache dir (a cold start) or a
     cache that is off starts the pool now, as does the farm (its workers are warm)."""
-    if settings.base_mode != "subprocess":
+    if not _has_pool(settings):
         return False
     from . import _compat
 
@@ -54,7 +58,8 @@ def _start_if_missed(hit: bool) -> None:
 
 @contextlib.contextmanager
 def on_miss(settings: Settings) -> Iterator[None]:
-    if not settings.background:
+    """Inside a backend call: a miss starts ``settings``' pool (a no-op once started)."""
+    if not _has_pool(settings):
         yield
         return
     token = _settings.set(settings)
