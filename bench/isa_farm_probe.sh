@@ -18,3 +18,4 @@ for pool in 1 0; do
     done
 done
 python -m fxoffload farm down --state-dir $st 2>&1 | tail -1
+rm -rf $st

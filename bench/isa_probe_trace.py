@@ -10,6 +10,7 @@ that did not come from the farm."""
 
 import glob
 import os
+import shutil
 import sys
 import tempfile
 import traceback
@@ -59,6 +60,7 @@ def main() -> None:
     else:
         print("libraries", sorted(libraries()))
     fxoffload.shutdown()
+    shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 if __name__ == "__main__":

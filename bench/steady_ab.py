@@ -89,9 +89,10 @@ def main() -> int:
         return 0
     reps = []
     for rep in range(args.reps):
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="steady-ab-")}
-        proc = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]], env=env,
-                              capture_output=True, text=True, timeout=1200)
+        with tempfile.TemporaryDirectory(prefix="steady-ab-") as cache:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            proc = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]],
+                                  env=env, capture_output=True, text=True, timeout=1200)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
