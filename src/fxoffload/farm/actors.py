@@ -65,6 +65,14 @@ class CompileWorker:
         before = bundle.snapshot(self._dirs)
         if warm:
             worker._warm_up(self.phases, compile=True, request_waiting=lambda: False)
+            # A worker with a GPU warms up on CUDA only: its CPU vector-ISA probes would
+            # be built by its first CPU compile, sent with that response alone, and
+            # every later CPU client would build its own (seen on an H200 machine).
+            t = time.perf_counter()
+            from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+            valid_vec_isa_list()
+            self.phases["cpu_isa_s"] = time.perf_counter() - t
         # The C++ the warm-up built: mostly Inductor's CPU vector-ISA probe libraries,
         # which a CPU client with a cache dir of its own would otherwise build before it
         # loads anything (1-9 s). Sent with every CPU graph's response (about 180 KB).
