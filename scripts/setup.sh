@@ -35,7 +35,7 @@ installed_ok() {  # the pinned torch, the test extra, and fxoffload from this sr
     "$VENV/bin/python" - "$TORCH_VERSION" "$PWD/src" <<'PY' 2>/dev/null
 import importlib.metadata as md, importlib.util as iu, os, sys
 ok = md.version("torch").split("+")[0] == sys.argv[1]
-ok &= all(iu.find_spec(m) for m in ("pytest", "pytest_timeout", "transformers", "ray"))
+ok &= all(iu.find_spec(m) for m in ("pytest", "pytest_timeout", "xdist", "transformers", "ray"))
 spec = iu.find_spec("fxoffload")
 ok &= bool(spec and spec.origin) and (os.path.realpath(os.path.dirname(os.path.dirname(
     spec.origin))) == os.path.realpath(sys.argv[2]))

@@ -26,7 +26,13 @@ fi
 # The farm tests start a Ray head, which binds every network interface: pytest runs in a
 # network namespace of its own whose only interface is loopback (root, or unprivileged
 # user namespaces, needed). Without one, the farm tests skip and say why (fail under CI).
-pytest=(.venv/bin/python -m pytest -m "$markers" -q -p no:cacheprovider --timeout 900 "$@")
+# Two test processes (pytest-xdist) by default: a test compiles mostly on one core, and
+# CI has two. A file's tests stay in one process, the farm's tests all in one
+# (tests/conftest.py). FXOFFLOAD_TEST_WORKERS=0 runs everything in this process.
+workers="${FXOFFLOAD_TEST_WORKERS:-2}"
+[[ "$workers" =~ ^[0-9]+$ ]] || { echo "test: FXOFFLOAD_TEST_WORKERS='$workers' is not a number" >&2; exit 2; }
+pytest=(.venv/bin/python -m pytest -m "$markers" -q -p no:cacheprovider --timeout 900
+        -n "$workers" --dist loadgroup "$@")
 netns=()
 if ! command -v ip >/dev/null; then
     echo "test: no 'ip' command (iproute2): the farm tests will not run" >&2

@@ -59,6 +59,15 @@ def _shutdown_pools():
     fxoffload.shutdown()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups for ``pytest -n N --dist loadgroup`` (scripts/test.sh): a file's tests run in
+    one process, as its module fixtures and warm pool expect; every test of the farm runs
+    in one process too, so one Ray cluster is started, not one per process."""
+    for item in items:
+        farm = "farm" in getattr(item, "fixturenames", ()) or item.path.name.startswith("test_farm")
+        item.add_marker(pytest.mark.xdist_group("farm" if farm else item.path.name))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     # here, not in a session fixture: --collect-only runs no fixture and left the dir
     if _OWN_CACHE_DIR is not None:
