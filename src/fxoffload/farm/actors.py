@@ -65,24 +65,36 @@ class CompileWorker:
         before = bundle.snapshot(self._dirs)
         if warm:
             worker._warm_up(self.phases, compile=True, request_waiting=lambda: False)
-            # A worker with a GPU warms up on CUDA only: its CPU vector-ISA probes would
-            # be built by its first CPU compile, sent with that response alone, and
-            # every later CPU client would build its own (seen on an H200 machine).
-            t = time.perf_counter()
-            from torch._inductor.cpu_vec_isa import valid_vec_isa_list
-
-            valid_vec_isa_list()
-            self.phases["cpu_isa_s"] = time.perf_counter() - t
         # The C++ the warm-up built: mostly Inductor's CPU vector-ISA probe libraries,
         # which a CPU client with a cache dir of its own would otherwise build before it
         # loads anything (1-9 s). Sent with every CPU graph's response (about 180 KB).
-        self._toolchain = {name: data for name, data in
-                           bundle.new_files(self._dirs, before).items()
-                           if name.endswith((".cpp", ".so"))}
+        self._toolchain = self._new_cpp(before)
         self.startup_s = time.perf_counter() - start
         self.compiles = 0
         self._cpp_paths: list[str] | None = None  # the C++ sources the compile running uses
         self._name_cpp_sources()
+
+    def _new_cpp(self, before: dict[str, float]) -> dict[str, bytes]:
+        from . import bundle
+
+        return {name: data for name, data in bundle.new_files(self._dirs, before).items()
+                if name.endswith((".cpp", ".so"))}
+
+    def _probe_cpu_isa(self) -> None:
+        """Before the first CPU compile: the vector-ISA probes join the toolchain. A
+        worker with a GPU warms up on CUDA only, so the probes were built by its first
+        CPU compile and sent with that response alone; every client of a later one built
+        its own (6 libraries each on an H200 machine). Not at start: there, 4 workers
+        that probed at start took 60-66 s to come up (23 s without)."""
+        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+        from . import bundle
+
+        if valid_vec_isa_list.cache_info().currsize:
+            return  # probed: by a CPU warm-up (in the toolchain already) or here
+        before = bundle.snapshot(self._dirs)
+        valid_vec_isa_list()
+        self._toolchain.update(self._new_cpp(before))
 
     def _name_cpp_sources(self) -> None:
         """Inductor writes every C++ source it builds or loads through ``codecache.write``
@@ -129,6 +141,9 @@ class CompileWorker:
 
         data = signing.verify(self._key, signed_request, purpose=REQUEST)
         start = time.perf_counter()
+        cpu = protocol.split_request(data)[0].host_cpu is not None
+        if cpu:
+            self._probe_cpu_isa()
         before = bundle.snapshot(self._dirs)
         # A kernel this process loaded before (warm-up, an earlier graph) would come from
         # memory and go unnamed (below): every compile loads its kernels from the cache.
@@ -147,7 +162,7 @@ class CompileWorker:
                 named.update(bundle.names_under(
                     self._dirs, f"inductor/triton/{device}/{kernel_hash}"))
             files.update(bundle.read(self._dirs, named - files.keys()))
-        if ok and self._toolchain and protocol.split_request(data)[0].host_cpu is not None:
+        if ok and cpu:
             files = {**self._toolchain, **files}
         self.compiles += 1
         blob = bundle.pack(raw, files)
