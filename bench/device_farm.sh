@@ -10,14 +10,17 @@ out="${OUT:-bench/results}"; mkdir -p "$out"
 inner() {
     ip link set lo up 2>/dev/null
     state=/tmp/farm-gpu; rm -rf $state
-    python -m fxoffload farm up --workers 4 --state-dir $state 2>&1 | grep -v network_util
-    export FXOFFLOAD_FARM=$(python -c "import json;print(json.load(open('$state/farm.json'))['address'])")
     export FXOFFLOAD_FARM_KEY_FILE=$state/key
-    for model in ${FARM_CHECK_MODELS:-gpt2 llama}; do
-        timeout 150 python bench/farm_gpu_check.py --model $model --size bench 2>&1 | grep -v network_util | tail -3
-    done
-    python -m fxoffload farm status --state-dir $state 2>&1 | grep -v network_util
-    python -m fxoffload farm down --state-dir $state 2>&1 | grep -v network_util
+    models="${FARM_CHECK_MODELS-gpt2 llama}"  # FARM_CHECK_MODELS= (empty): none
+    if [[ -n "$models" ]]; then
+        python -m fxoffload farm up --workers 4 --state-dir $state 2>&1 | grep -v network_util
+        export FXOFFLOAD_FARM=$(python -c "import json;print(json.load(open('$state/farm.json'))['address'])")
+        for model in $models; do
+            timeout 150 python bench/farm_gpu_check.py --model $model --size bench 2>&1 | grep -v network_util | tail -3
+        done
+        python -m fxoffload farm status --state-dir $state 2>&1 | grep -v network_util
+        python -m fxoffload farm down --state-dir $state 2>&1 | grep -v network_util
+    fi
     # Kernels a worker built for an earlier graph reach a client of a later one.
     python -m fxoffload farm up --workers 1 --state-dir $state 2>&1 | grep -v network_util
     export FXOFFLOAD_FARM=$(python -c "import json;print(json.load(open('$state/farm.json'))['address'])")

@@ -355,3 +355,22 @@ def forget_loaded_triton_kernels() -> None:
     table = getattr(async_compile, "CompiledTritonKernels", None)
     if table is not None and hasattr(table, "cache_clear"):
         table.cache_clear()
+
+
+def use_torch_ptxas() -> None:
+    """Point Triton at torch's bundled ptxas now, as Inductor's compile pool processes do
+    when they start and its in-process compile does at each call (``TRITON_PTXAS_PATH``;
+    no-op where torch has none, or the variable is set).
+
+    Triton's cache key holds the ptxas version, read once per process: when something
+    read it before that call (the FX graph cache key's system info does), a kernel
+    compiled in this process is keyed by Triton's own ptxas, one compiled in the pool by
+    torch's. Seen on an H200 (torch 2.11: CUDA 13.0 against Triton's 12.8): a farm
+    client whose pool was not ready rebuilt a kernel the worker had sent under the other
+    key. Called before either reads it: in the parent when fxoffload is installed, in a
+    worker when it starts."""
+    try:
+        from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
+    except ImportError:  # moved: nothing to align
+        return
+    _set_triton_ptxas_path()

@@ -49,9 +49,10 @@ def install() -> None:
         from torch._inductor import compile_fx
         from torch._inductor.codecache import FxGraphCache
 
-        from ._compat import check_supported
+        from ._compat import check_supported, use_torch_ptxas
 
         check_supported()
+        use_torch_ptxas()
         _original = compile_fx.fx_codegen_and_compile
         _original_save = FxGraphCache._save_graph
         patches.replace("hook", FxGraphCache, "_save_graph", staticmethod(_save_graph))

@@ -43,6 +43,9 @@ def prepare_parent(device: str | None = None, *, probe_cpu_isa: bool = True) -> 
     if str(dev) in _prepared:
         return
     _prepared.add(str(dev))
+    from ._compat import use_torch_ptxas
+
+    use_torch_ptxas()  # before the system info reads Triton's key
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("import compile_fx", lambda: __import__("torch._inductor.compile_fx")),
         ("torch_key", _torch_key),

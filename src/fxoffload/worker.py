@@ -168,9 +168,11 @@ def _serve(argv: list[str]) -> int:
 
     start = time.perf_counter()
     from . import wire
+    from ._compat import use_torch_ptxas
     from .child import compile_request  # imports torch
 
     _no_trace_log()
+    use_torch_ptxas()  # before the warm-up reads Triton's key
     phases: dict[str, float] = {"import_s": time.perf_counter() - start}
     ready = pickle.dumps({"pid": os.getpid(), "startup_s": time.perf_counter() - start})
     wire.write_all(response_fd, wire.encode(wire.Kind.READY, ready), wire.Deadline(None))

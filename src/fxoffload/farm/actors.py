@@ -56,8 +56,9 @@ class CompileWorker:
         os.environ.pop("TRITON_CACHE_DIR", None)  # Triton's under Inductor's: one layout
         os.environ["FXOFFLOAD_FARM_WORKER"] = "1"  # what tests' worker-only passes look for
         start = time.perf_counter()
-        from .. import child, worker  # imports torch and Inductor
+        from .. import _compat, child, worker  # imports torch and Inductor
 
+        _compat.use_torch_ptxas()  # before the warm-up reads Triton's key
         self._child = child
         self.phases: dict[str, float] = {"import_s": time.perf_counter() - start}
         from . import bundle
