@@ -187,11 +187,17 @@ class WorkerPool(Executor):
                 self._jobs.put(None)
             workers = list(self._workers.values())
         self._fail_pending(PoolClosed("the fxoffload worker pool was shut down"))
-        for worker in workers:
-            worker.stop(timeout=5.0 if wait else 0.0)
+        # An idle worker is stopped by its slot thread (it gets the stop signal); one that
+        # compiles or starts up is killed here, and its slot thread, reading its pipes,
+        # sees them close and ends it. Pipes are closed by their reader only.
         if wait:
+            for worker in workers:
+                if worker.busy or not worker.warm:
+                    worker.terminate()
             for thread in self._threads:
                 thread.join(10.0)
+        for worker in workers:  # at exit; or a slot thread that did not end in time
+            worker.terminate()
 
 
     # -- internals ----------------------------------------------------------------

@@ -143,7 +143,19 @@ class WorkerProcess:
         self.stopped = sig == signal.SIGSTOP
 
     def kill(self) -> int | None:
-        """Kill (if needed), reap and close; returns the exit status."""
+        """Kill (if needed), reap and close; returns the exit status. Only the thread that
+        reads the pipes (the worker's slot thread) may close them: closed under a reader,
+        the reader gets EBADF, or worse, a reused descriptor; other threads ``terminate``."""
+        code = self.terminate()
+        for fd in (self.req_w, self.resp_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.req_w = self.resp_r = -1
+        return code
+
+    def terminate(self) -> int | None:
+        """Kill (if needed) and reap, pipes left open: the slot thread reading them then
+        sees the stream close and ends the worker itself."""
         if self.stopped:  # a stopped group would never drain
             self.signal_group(signal.SIGCONT)
         if self.proc.poll() is None:
@@ -155,10 +167,6 @@ class WorkerProcess:
                     self.proc.send_signal(signal.SIGKILL)
         code = self.proc.wait()
         _drain_group(self.pid)
-        for fd in (self.req_w, self.resp_r):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.req_w = self.resp_r = -1
         return code
 
     def stop(self, timeout: float = 5.0) -> None:
