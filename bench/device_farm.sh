@@ -33,9 +33,5 @@ inner() {
     fi
 }
 export -f inner
-if command -v ip >/dev/null && unshare --net true 2>/dev/null; then
-    unshare --net -- bash -c inner
-else
-    echo "no network namespace here (unshare refused): this machine reaches nothing outside it"
-    export FXOFFLOAD_ISOLATED_HOST=1; inner
-fi
+. scripts/loopback.sh
+LOOPBACK_FALLBACK=isolated in_loopback bash -c inner

@@ -28,11 +28,6 @@ except ImportError:
     print("transformers missing")
 PY
 pytest=(python3 -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 "$@")
-# A Ray head binds every interface: the farm tests run only in a loopback-only namespace.
-if command -v ip >/dev/null && unshare --net true 2>/dev/null; then
-    pytest=(unshare --net -- sh -c 'ip link set lo up && exec "$@"' sh "${pytest[@]}")
-else
-    echo "no network namespace here (unshare refused): this machine reaches nothing outside it"
-    export FXOFFLOAD_ISOLATED_HOST=1
-fi
-"${pytest[@]}" 2>&1 | tee "$OUT/tests.log"
+# A Ray head binds every interface: the farm tests run where loopback is the only one.
+. scripts/loopback.sh
+LOOPBACK_FALLBACK=isolated in_loopback "${pytest[@]}" 2>&1 | tee "$OUT/tests.log"

@@ -23,9 +23,8 @@ if [[ "${FXOFFLOAD_FAST:-0}" == "1" ]]; then
     markers="not slow and not gpu"
 fi
 
-# The farm tests start a Ray head, which binds every network interface: pytest runs in a
-# network namespace of its own whose only interface is loopback (root, or unprivileged
-# user namespaces, needed). Without one, the farm tests skip and say why (fail under CI).
+# The farm tests start a Ray head: pytest runs where loopback is the only interface
+# (scripts/loopback.sh). Without that, the farm tests skip and say why (fail under CI).
 # Two test processes (pytest-xdist) by default: a test compiles mostly on one core, and
 # CI has two. A file's tests stay in one process, the farm's tests all in one
 # (tests/conftest.py). FXOFFLOAD_TEST_WORKERS=0 runs everything in this process.
@@ -33,19 +32,9 @@ workers="${FXOFFLOAD_TEST_WORKERS:-2}"
 [[ "$workers" =~ ^[0-9]+$ ]] || { echo "test: FXOFFLOAD_TEST_WORKERS='$workers' is not a number" >&2; exit 2; }
 pytest=(.venv/bin/python -m pytest -m "$markers" -q -p no:cacheprovider --timeout 900
         -n "$workers" --dist loadgroup "$@")
-netns=()
-if ! command -v ip >/dev/null; then
-    echo "test: no 'ip' command (iproute2): the farm tests will not run" >&2
-elif unshare --net true 2>/dev/null; then
-    netns=(unshare --net --)
-elif unshare --net --map-root-user true 2>/dev/null; then
-    netns=(unshare --net --map-root-user --)
-fi
-if [[ ${#netns[@]} -gt 0 ]]; then
-    pytest=("${netns[@]}" sh -c 'ip link set lo up && exec "$@"' sh "${pytest[@]}")
-fi
+. scripts/loopback.sh
 rc=0
-"${pytest[@]}" || rc=$?
+in_loopback "${pytest[@]}" || rc=$?
 if [[ $rc -eq 5 ]]; then
     echo "test: pytest collected no tests (exit 5): that is a failure" >&2
     exit 1
