@@ -64,9 +64,11 @@ def _warm_up(phases: dict[str, float], *, compile: bool,
     """One tiny compile (on CUDA when a GPU is present, on CPU otherwise), so imports,
     the Triton (or C++) toolchain and Inductor's own compile pools are warm before the
     first real job; without ``compile`` (a pool started because a compile is about to
-    come), only the CUDA context and Inductor's compile pool. A request that arrives
-    cuts it short at the next phase. Seconds per phase go into ``phases`` (sent with
-    WARM, logged by the pool at DEBUG)."""
+    come), only what that compile would pay first anyway: Inductor's import, the CUDA
+    context and Inductor's compile pool. (The CPU's vector-ISA probes, tried here too,
+    only moved: on 2 cores they took as long before the request as inside it.) A
+    request that arrives cuts it short at the next phase. Seconds per phase go into
+    ``phases`` (sent with WARM, logged by the pool at DEBUG)."""
     import torch
     from torch._inductor import config
 
@@ -87,6 +89,12 @@ def _warm_up(phases: dict[str, float], *, compile: bool,
     # is inherited). Real compiles log through the parent (see state.captured_logs).
     logging.disable(logging.CRITICAL)
     try:
+        # Every compile imports it; in a fresh worker that is 1-2 s of a cold first request
+        # (2 cores), paid here while the parent still traces its graph.
+        t = time.perf_counter()
+        import torch._inductor.compile_fx
+
+        phases["import_inductor_s"] = time.perf_counter() - t
         with config.patch(fx_graph_cache=False):
             if not compile:
                 warm_cpu = False
