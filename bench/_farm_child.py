@@ -114,6 +114,11 @@ def child_run(spec: dict[str, Any], result: dict[str, Any]) -> None:
     result["fxgraph"] = {k: int(counters["inductor"][f"fxgraph_cache_{k}"])
                          for k in ("miss", "hit", "bypass")}
     result["dynamo_unique_graphs"] = int(counters["stats"]["unique_graphs"])
+    with contextlib.suppress(Exception):  # where the rank's compile time went, per phase
+        from torch._dynamo.utils import compile_times
+
+        names, seconds = compile_times(repr="csv", aggregate=True)
+        result["compile_times"] = dict(zip(names, seconds, strict=False))
     fx = sys.modules.get("torch._inductor.compile_fx")
     stats = getattr(getattr(fx, "FxCompile", None), "_compile_stats", None) or {}
     result["inductor_compiles_here"] = sum(

@@ -84,7 +84,14 @@ from typing import Any
 
 # bench/ is this script's directory
 from _farm_child import READY_MARKER, RESULT_MARKER, admin_main, child_main
-from _farm_configs import CONFIGS, FARM_CONFIGS, MODELS, REFERENCE, SEQ_EXTRA
+from _farm_configs import (
+    CONFIGS,
+    FARM_CONFIGS,
+    MODELS,
+    REFERENCE,
+    SEQ_EXTRA,
+    STOCK_CONFIGS,
+)
 from _farm_procs import Farm, _kill_group, _reader, base_env, cpu_delta
 from _farm_report import _digest, _median, _note, markdown, summarise, targets
 from first_call import _csv
@@ -96,6 +103,16 @@ NETNS_ENV = "FXOFFLOAD_BENCH_NETNS"
 
 # ---------------------------------------------------------------------------------------
 # running ranks
+
+
+def _rank_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        var, sep, value = pair.partition("=")
+        if not sep or not var:
+            raise SystemExit(f"farm: --rank-env {pair!r} is not VAR=VALUE")
+        env[var] = value
+    return env
 
 
 def run_ranks(args: argparse.Namespace, root: Path, config: str, model: str, rep: int,
@@ -121,6 +138,12 @@ def run_ranks(args: argparse.Namespace, root: Path, config: str, model: str, rep
             rank_dir.mkdir()
             cache = run_dir / "shared" if config == "stock-shared" else rank_dir
             env = {**base_env(cache), **(extra_env or {})}
+            if config not in (*STOCK_CONFIGS, REFERENCE):
+                env.update(_rank_env(args.rank_env))
+            if args.trace_dir is not None and config not in (*STOCK_CONFIGS, REFERENCE):
+                args.trace_dir.mkdir(parents=True, exist_ok=True)
+                env["FXOFFLOAD_TRACE"] = str(
+                    args.trace_dir.resolve() / f"{model}-{config}-rep{rep}-rank{rank}.trace.json")
             spec = {"config": config, "model": model, "rank": rank, "size": args.size,
                     "device": args.device, "dtype": args.dtype, "timeout": args.timeout,
                     "seq": seq}
@@ -350,6 +373,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable, help="interpreter for the ranks")
     p.add_argument("--out", type=Path, default=None,
                    help="write PATH.json (every rank of every run) and PATH.md")
+    p.add_argument("--rank-env", action="append", default=[], metavar="VAR=VALUE",
+                   help="set for every fxoffload rank (e.g. FXOFFLOAD_FARM_GRAPH_WAIT=0); "
+                        "repeatable, recorded with the run")
+    p.add_argument("--trace-dir", type=Path, default=None,
+                   help="each fxoffload rank's FXOFFLOAD_TRACE timeline here, as "
+                        "MODEL-CONFIG-repR-rankN.trace.json")
     p.add_argument("--no-prime", action="store_true",
                    help="skip the untimed compile that warms the OS page cache")
     p.add_argument("--from-json", type=Path, default=None, metavar="PATH.json",
@@ -487,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         import importlib.metadata
 
         ray_version = importlib.metadata.version("ray")
+    if ray_version is None:  # unpacked without its dist-info (bench/device_ray_setup.sh)
+        with contextlib.suppress(Exception):
+            import ray
+
+            ray_version = ray.__version__
     netns = os.environ.get(NETNS_ENV)
     meta = {
         "when": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -499,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
         "parent_python": sys.version.split()[0], "child_python": first_ok.get("python"),
         "torch_version": first_ok.get("torch_version"), "ray_version": ray_version,
+        "rank_env": args.rank_env,
         "farm_idle_cpu_per_s": idle, "total_s": round(total_s, 1), "git": git,
         "included": included,
     }

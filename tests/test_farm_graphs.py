@@ -57,3 +57,22 @@ def test_clients_at_once_wait_for_the_one_that_compiles(farm: Any, tmp_path: Pat
     assert all(o in ("[('graphs_joined', 1)]", "[('graphs_hit', 1)]")
                for o in outcomes[1:]), outcomes
     assert sum(r["stats"]["graphs_offloaded"] for r in results) == 2
+
+
+def test_clients_that_do_not_wait_join_the_compiles_instead(farm: Any,
+                                                           tmp_path: Path) -> None:
+    """``farm_graph_wait=0``: no client waits for another's graphs; each traces the graph
+    and its requests join the one compile per request at the farm."""
+    farm.reset()
+    results = _clients(farm, tmp_path, 3, graphs=True,
+                       env={"FXOFFLOAD_FARM_GRAPH_WAIT": "0"})
+    _assert_stock(results)
+    stats = farm.stats()
+    assert stats["graphs_joins"] == 0 and stats["compiles"] == 2, stats
+    assert stats["graphs_puts"] >= 1, stats
+    # a client came after the graphs were given (a hit), or sent both its requests
+    for r in results:
+        farm_answers = r["stats"]["farm"]
+        assert "graphs_joined" not in farm_answers, farm_answers
+        assert farm_answers == {"graphs_hit": 1} or sum(farm_answers.values()) == 2, \
+            farm_answers

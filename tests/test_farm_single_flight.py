@@ -27,7 +27,7 @@ def _stock() -> list[torch.Tensor]:
 
 
 def _clients(farm: Any, tmp_path: Path, count: int, mode: str = "farm",
-             graphs: bool = False) -> list[dict]:
+             graphs: bool = False, env: dict[str, str] | None = None) -> list[dict]:
     # Each client has a cache dir of its own, as ranks on other machines would: nothing
     # is shared but through the farm (the kernels come with the response). Whole graphs
     # (farm.graphs: AOTAutograd's entries) are shared only when ``graphs``: without
@@ -35,7 +35,8 @@ def _clients(farm: Any, tmp_path: Path, count: int, mode: str = "farm",
     outs = [tmp_path / f"client{i}.pt" for i in range(count)]
     procs = [subprocess.Popen([sys.executable, str(HERE / "farm_client.py"), str(out), mode],
                               env={**farm.env(), "FXOFFLOAD_FARM_GRAPHS": str(int(graphs)),
-                                   "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"cache{i}")},
+                                   "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"cache{i}"),
+                                   **(env or {})},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i, out in enumerate(outs)]
     for proc in procs:

@@ -23,6 +23,8 @@ def test_environment() -> None:
                           "FXOFFLOAD_WORKER_IMPORTS": "a.b, c"})
     assert s.capture_dir == Path("/tmp/x") and s.timeout == 12.5
     assert s.on_failure == "raise" and s.worker_imports == ("a.b", "c")
+    assert Settings.resolve({}).farm_graph_wait == 120.0
+    assert Settings.resolve({"FXOFFLOAD_FARM_GRAPH_WAIT": "0"}).farm_graph_wait == 0.0
 
 
 @pytest.mark.parametrize(("var", "value", "words"), [
@@ -38,6 +40,8 @@ def test_environment() -> None:
     ("FXOFFLOAD_STAGES", "{}", ["FXOFFLOAD_STAGES", "list"]),
     ("FXOFFLOAD_STAGES", "[{", ["FXOFFLOAD_STAGES", "JSON"]),
     ("FXOFFLOAD_PROGRESS", "maybe", ["FXOFFLOAD_PROGRESS"]),
+    ("FXOFFLOAD_FARM_GRAPH_WAIT", "-1", ["FXOFFLOAD_FARM_GRAPH_WAIT", "0 or more"]),
+    ("FXOFFLOAD_FARM_GRAPH_WAIT", "soon", ["FXOFFLOAD_FARM_GRAPH_WAIT", "seconds"]),
 ])
 def test_invalid_environment_is_named(var: str, value: str, words: list[str]) -> None:
     with pytest.raises(ConfigError) as info:

@@ -184,9 +184,10 @@ def _farm_graphs(settings: Settings) -> contextlib.AbstractContextManager[None]:
     if settings.base_mode != "farm" or not settings.farm_graphs:
         return contextlib.nullcontext()
     from .executors import get_executor
-    from .farm.graphs import LEASE_S, serving
+    from .farm.graphs import serving
 
-    return serving(get_executor(settings), lease_s=min(settings.timeout, LEASE_S))
+    return serving(get_executor(settings),
+                   lease_s=min(settings.timeout, settings.farm_graph_wait))
 
 
 def _warm_compile_pool() -> None:

@@ -59,6 +59,9 @@ class Settings:
     farm: str | None = None  # the farm's Ray address (mode "farm"); see fxoffload.farm
     farm_key: Path | None = None  # the farm key file (default: fxoffload.signing's)
     farm_graphs: bool = True  # share whole graphs through the farm (fxoffload.farm.graphs)
+    # How long a client waits for graphs another client is compiling (0: trace its own and
+    # join that client's compiles instead; the store is still read); see farm.graphs.
+    farm_graph_wait: float = 120.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -231,6 +234,16 @@ def _seconds(value: Any, where: str) -> float:
     return number
 
 
+def _seconds_or_zero(value: Any, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not number >= 0:
+        raise ConfigError(f"{where}={value!r} must be a number of seconds, 0 or more")
+    return number
+
+
 def _choice(allowed: tuple[str, ...]) -> Callable[[Any, str], str]:
     def parse(value: Any, where: str) -> str:
         text = str(value).strip().lower()
@@ -319,8 +332,9 @@ _ENV: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "farm": ("FXOFFLOAD_FARM", _address),
     "farm_key": ("FXOFFLOAD_FARM_KEY_FILE", _path),
     "farm_graphs": ("FXOFFLOAD_FARM_GRAPHS", _bool),
+    "farm_graph_wait": ("FXOFFLOAD_FARM_GRAPH_WAIT", _seconds_or_zero),
 }
 
 # Fields that may not be None (the others' None means "decide later").
 _REQUIRED = {"mode", "workers", "timeout", "startup_timeout", "on_failure",
-             "worker_imports", "defer_trace", "farm_graphs"}
+             "worker_imports", "defer_trace", "farm_graphs", "farm_graph_wait"}
