@@ -60,7 +60,7 @@ def _idle_class(on: bool) -> bool:
 
 
 def _warm_up(phases: dict[str, float], *, compile: bool,
-             request_waiting: Callable[[], bool]) -> None:
+             request_waiting: Callable[[], bool], wait_pool: bool = False) -> None:
     """One tiny compile (on CUDA when a GPU is present, on CPU otherwise), so imports,
     the Triton (or C++) toolchain and Inductor's own compile pools are warm before the
     first real job; without ``compile`` (a pool started because a compile is about to
@@ -120,7 +120,7 @@ def _warm_up(phases: dict[str, float], *, compile: bool,
                     torch.cuda.synchronize()
                     torch._dynamo.reset()
                     phases["warm_cuda_s"] = time.perf_counter() - t
-        if os.environ.get("FXOFFLOAD_WARM_WAIT_POOL", "0") == "1":
+        if wait_pool or os.environ.get("FXOFFLOAD_WARM_WAIT_POOL", "0") == "1":
             # Wait until Inductor's compile-process pool answers, so the first real
             # compile does not compile its kernels in this process while it starts.
             t = time.perf_counter()

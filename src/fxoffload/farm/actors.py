@@ -65,7 +65,11 @@ class CompileWorker:
 
         before = bundle.snapshot(self._dirs)
         if warm:
-            worker._warm_up(self.phases, compile=True, request_waiting=lambda: False)
+            # A farm is up when its workers are warm: Inductor's compile pool answering
+            # too (on a 16-core H100 machine, 4 workers' pools were still starting
+            # after `farm up` returned, 4 CPU-s per s, while the first compiles ran).
+            worker._warm_up(self.phases, compile=True, request_waiting=lambda: False,
+                            wait_pool=True)
         # The C++ the warm-up built: mostly Inductor's CPU vector-ISA probe libraries,
         # which a CPU client with a cache dir of its own would otherwise build before it
         # loads anything (1-9 s). Sent with every CPU graph's response (about 180 KB).
