@@ -105,16 +105,6 @@ NETNS_ENV = "FXOFFLOAD_BENCH_NETNS"
 # running ranks
 
 
-def _rank_env(pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        var, sep, value = pair.partition("=")
-        if not sep or not var:
-            raise SystemExit(f"farm: --rank-env {pair!r} is not VAR=VALUE")
-        env[var] = value
-    return env
-
-
 def run_ranks(args: argparse.Namespace, root: Path, config: str, model: str, rep: int,
               k: int, extra_env: dict[str, str] | None = None,
               farm: Farm | None = None) -> dict[str, Any]:
@@ -138,12 +128,11 @@ def run_ranks(args: argparse.Namespace, root: Path, config: str, model: str, rep
             rank_dir.mkdir()
             cache = run_dir / "shared" if config == "stock-shared" else rank_dir
             env = {**base_env(cache), **(extra_env or {})}
-            if config not in (*STOCK_CONFIGS, REFERENCE):
-                env.update(_rank_env(args.rank_env))
-            if args.trace_dir is not None and config not in (*STOCK_CONFIGS, REFERENCE):
-                args.trace_dir.mkdir(parents=True, exist_ok=True)
-                env["FXOFFLOAD_TRACE"] = str(
-                    args.trace_dir.resolve() / f"{model}-{config}-rep{rep}-rank{rank}.trace.json")
+            if config not in (*STOCK_CONFIGS, REFERENCE):  # an fxoffload rank
+                env.update(args.rank_env_vars)
+                if args.trace_dir is not None:
+                    env["FXOFFLOAD_TRACE"] = str(
+                        args.trace_dir / f"{model}-{config}-rep{rep}-rank{rank}.trace.json")
             spec = {"config": config, "model": model, "rank": rank, "size": args.size,
                     "device": args.device, "dtype": args.dtype, "timeout": args.timeout,
                     "seq": seq}
@@ -398,6 +387,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.reps < 1 or args.k < 1 or args.farm_workers < 1:
         p.error("--reps, --k and --farm-workers must be at least 1")
     args.configs = [c for c in CONFIGS if c in args.configs]
+    args.rank_env_vars = {}
+    for pair in args.rank_env:  # checked before any rank runs
+        var, sep, value = pair.partition("=")
+        if not sep or not var:
+            p.error(f"--rank-env {pair!r} is not VAR=VALUE")
+        args.rank_env_vars[var] = value
+    if args.trace_dir is not None:
+        args.trace_dir = args.trace_dir.resolve()
+        args.trace_dir.mkdir(parents=True, exist_ok=True)
     return args
 
 

@@ -225,22 +225,22 @@ def _int(value: Any, where: str) -> int:
 
 
 def _seconds(value: Any, where: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = -1.0
-    if not number > 0:
-        raise ConfigError(f"{where}={value!r} must be a positive number of seconds")
-    return number
+    return _number_of_seconds(value, where, zero_ok=False)
 
 
 def _seconds_or_zero(value: Any, where: str) -> float:
+    return _number_of_seconds(value, where, zero_ok=True)
+
+
+def _number_of_seconds(value: Any, where: str, *, zero_ok: bool) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
         number = -1.0
-    if not number >= 0:
+    if zero_ok and not number >= 0:
         raise ConfigError(f"{where}={value!r} must be a number of seconds, 0 or more")
+    if not zero_ok and not number > 0:
+        raise ConfigError(f"{where}={value!r} must be a positive number of seconds")
     return number
 
 

@@ -145,8 +145,7 @@ def _before_lookup(key: str) -> None:
             INSTALLED.update(written)
             STATS.add(farm_files_installed=len(written))
             STATS.count_farm(f"graphs_{how}")  # graphs_hit, graphs_joined
-            _spans(key, how, t0, t1, files=len(files),
-                   bytes=sum(len(data) for data in files.values()))
+            _spans(key, how, t0, t1, files)
             return
         _spans(key, how, t0, t1)
         if how == "lead":
@@ -182,8 +181,7 @@ def _after_save(key: str, entry: Any) -> None:
     t0 = time.perf_counter()
     try:
         executor.publish_graphs(key, files)
-        _spans(key, "publish", t0, None, files=len(files),
-               bytes=sum(len(data) for data in files.values()))
+        _spans(key, "publish", t0, None, files)
     except FarmUnavailable as e:  # reported by the request already
         log.debug("fxoffload: graphs not given to the farm: %s", e)
     except Exception as e:  # noqa: BLE001 - this process has its graph; others compile
@@ -191,14 +189,18 @@ def _after_save(key: str, entry: Any) -> None:
                     "%s (%s: %s)", key, type(e).__name__, e)
 
 
-def _spans(key: str, how: str, t0: float, t1: float | None, **args: Any) -> None:
+def _spans(key: str, how: str, t0: float, t1: float | None,
+           files: dict[str, bytes] | None = None) -> None:
     """On the timeline (``FXOFFLOAD_TRACE``): the farm's answer for AOTAutograd key
     ``key`` (``lead``, ``hit``, ``joined``: the wait for another client's compile, or
-    ``publish``), then the files' install, on the parent's track."""
+    ``publish``) with its files' count and bytes, then the files' install, on the
+    parent's track."""
     from .. import timeline
 
     if (tl := timeline.get()) is None:
         return
+    args = {} if files is None else {
+        "files": len(files), "bytes": sum(len(data) for data in files.values())}
     now = time.perf_counter()
     end = now if t1 is None else t1
     tl.span(f"farm graphs {how}", t0, end, track=0, track_name="parent",
