@@ -15,10 +15,12 @@ inner() {
     export FXOFFLOAD_FARM_KEY_FILE=$state/key
     models="${FARM_CHECK_MODELS-gpt2 llama}"  # FARM_CHECK_MODELS= (empty): none
     if [[ -n "$models" ]]; then
-        python -m fxoffload farm up --workers 4 --state-dir $state 2>&1 | grep -v network_util
+        # FARM_UP_ENV="CUDA_VISIBLE_DEVICES=": workers that see no GPU (virtual_gpu)
+        env ${FARM_UP_ENV:-} python -m fxoffload farm up --workers "${FARM_CHECK_WORKERS:-4}" \
+            --state-dir $state 2>&1 | grep -v network_util
         export FXOFFLOAD_FARM=$(python -c "import json;print(json.load(open('$state/farm.json'))['address'])")
         for model in $models; do
-            timeout 150 python bench/farm_gpu_check.py --model $model --size bench 2>&1 | grep -v network_util | tail -3
+            timeout 150 python bench/farm_gpu_check.py --model $model --size bench 2>&1 | grep -v network_util | tail -${FARM_CHECK_TAIL:-3}
         done
         python -m fxoffload farm status --state-dir $state 2>&1 | grep -v network_util
         python -m fxoffload farm down --state-dir $state 2>&1 | grep -v network_util

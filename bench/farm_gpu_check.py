@@ -96,6 +96,7 @@ def main() -> None:
     print(json.dumps({"model": args.model, "same_as_stock": same, "first_call_s": seconds,
                       "farm": dict(stats.farm), "fallbacks": dict(stats.fallbacks),
                       "files_installed": stats.farm_files_installed,
+                      "gpu_less_compiles": stats.gpu_less_compiles,
                       "triton_files_written_by_client": len(compiled_here),
                       "kernels_rebuilt_by_client": differs}))
 

@@ -40,9 +40,10 @@ def require_farm_environment() -> None:
         pytest.skip(why)
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 300,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*FXOFFLOAD, *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+                          timeout=timeout, check=False, env=env)
 
 
 @dataclasses.dataclass
@@ -92,9 +93,10 @@ class Farm:
             ray.get(registry.clear_store.remote(responses=store, graphs=graphs), timeout=60)
 
 
-def start(state_dir: Path, workers: int = 2) -> Farm:
+def start(state_dir: Path, workers: int = 2, env: dict[str, str] | None = None) -> Farm:
+    """``env``: the farm's (its Ray head's, and so its workers') environment."""
     done = cli("farm", "up", "--workers", str(workers), "--state-dir", str(state_dir),
-               "--store", str(state_dir / "store"))
+               "--store", str(state_dir / "store"), env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     address = re.search(r"FXOFFLOAD_FARM=(\S+)", done.stdout)
     assert address, done.stdout

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import kernel_reuse, protocol, triton_bundle
+from . import kernel_reuse, protocol, triton_bundle, virtual_gpu
 from ._compat import (
     clear_inductor_caches,
     ensure_process_groups,
@@ -137,7 +137,13 @@ def _respond(data: bytes, *, in_parent: bool,
             f"custom op(s) {', '.join(missing)} are not registered in the worker; name the "
             "module that registers them in worker_imports / FXOFFLOAD_WORKER_IMPORTS",
         )
-    response = _compile(body)
+    gpu_less = bool(preamble.gpus) and torch.cuda.device_count() == 0
+    if preamble.gpus and not gpu_less and (why := virtual_gpu.mismatch(preamble.gpus)):
+        return _error("gpu_mismatch", why)
+    # No GPU here: compile for the client's (virtual_gpu's docstring).
+    with virtual_gpu.installed(preamble.gpus) if gpu_less else contextlib.nullcontext():
+        response = _compile(body)
+    response.gpu_less = gpu_less
     if preamble.host_cpu is not None and response.error is None and not in_parent:
         # What this CPU's vector ISAs probed to (cached by now): the parent, on a CPU with
         # the same flags, adopts it instead of building its own probes (1-9 s cold).

@@ -190,6 +190,8 @@ def load(response: protocol.CompileResponse, gm: torch.fx.GraphModule) -> Any:
         graph = response.graph
         if response.vec_isa is not None and _compat.adopt_vec_isa(response.vec_isa):
             STATS.add(vec_isa_adopted=1)
+        if response.gpu_less:
+            STATS.add(gpu_less_compiles=1)
         if isinstance(graph, CompiledFxGraph):
             loaded = object.__new__(type(graph))
             loaded.__dict__.update(graph.__dict__)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import pickling, wire
+from . import pickling, virtual_gpu, wire
 from ._compat import process_group_sizes
 from .errors import NotOffloadable, ProtocolError
 from .state import CapturedState
@@ -47,6 +47,9 @@ class Preamble:
     # The client's CPU (architecture and feature flags) when the graph runs on it: C++
     # kernels are built with -march=native, so a worker on another CPU must not build them.
     host_cpu: str | None = None
+    # The client's CUDA devices the graph uses ({"0": properties}, ``virtual_gpu.describe``):
+    # a worker without a GPU compiles for them; one with another GPU model refuses.
+    gpus: dict[str, dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass
@@ -80,6 +83,8 @@ class CompileResponse:
     # (kernel hash, device index) of every Triton kernel the compile loaded: the FX cache
     # entry written after a background compile bundles their files (triton_bundle).
     triton_kernels: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    # Compiled for the client's GPU by a process that has none (virtual_gpu).
+    gpu_less: bool = False
     # The graph loaded in the parent (``offload.load``), a copy: ``graph`` itself stays
     # ready to pickle for the FX graph cache entry. Never sent.
     loaded: Any = None
@@ -163,6 +168,7 @@ def encode_request(request: CompileRequest, *, extra_imports: tuple[str, ...] = 
     pickling.share_stack_traces(request.gm)
     body = pickling.dumps(request, recorder)
     inductor_dir, triton_dir = _cache_dirs()
+    summary = summarize(request.gm, list(request.example_inputs), request.graph_kwargs)
     preamble = Preamble(
         request_id=uuid.uuid4().hex[:12],
         created=time.time(),
@@ -172,9 +178,10 @@ def encode_request(request: CompileRequest, *, extra_imports: tuple[str, ...] = 
         custom_ops=sorted(recorder.custom_ops),
         cache_dir=inductor_dir,
         triton_cache_dir=triton_dir,
-        summary=summarize(request.gm, list(request.example_inputs), request.graph_kwargs),
+        summary=summary,
         process_groups=process_group_sizes(request.gm),
         host_cpu=cpu_fingerprint() if _runs_on_cpu(request.example_inputs) else None,
+        gpus=virtual_gpu.describe(summary["devices"]),
     )
     return join_request(preamble, body)
 

@@ -48,6 +48,8 @@ class Snapshot:
     farm_files_installed: int  # compiled kernels the farm sent that this process lacked
     # 1 when this process took a worker's CPU vector ISA probe result instead of probing
     vec_isa_adopted: int
+    # CUDA graphs compiled by a worker that has no GPU, for this process's (virtual_gpu)
+    gpu_less_compiles: int
 
     @property
     def fallback_count(self) -> int:
@@ -92,6 +94,7 @@ class Stats:
             self.farm: Counter[str] = Counter()
             self.farm_files_installed = 0
             self.vec_isa_adopted = 0
+            self.gpu_less_compiles = 0
 
     def add(self, **amounts: float) -> None:
         with self._lock:
@@ -145,6 +148,7 @@ class Stats:
                 farm=MappingProxyType(dict(self.farm)),
                 farm_files_installed=self.farm_files_installed,
                 vec_isa_adopted=self.vec_isa_adopted,
+                gpu_less_compiles=self.gpu_less_compiles,
             )
 
 
