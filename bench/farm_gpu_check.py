@@ -74,7 +74,14 @@ def main() -> None:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     new = [n for n in bundle.snapshot({"inductor": Path(ours_dir)}) if n not in before]
-    compiled_here = [n for n in new if "/triton/" in n and n not in INSTALLED]
+    # Installed names are "inductor/..." or "triton/...": Triton's own dir, which Inductor
+    # sets to <cache>/triton/<device> when the first kernel loads (a later graph's files
+    # are installed there); as names under the cache dir:
+    triton_dir = Path(os.environ.get("TRITON_CACHE_DIR", ours_dir))
+    installed = {n if n.startswith("inductor/") else
+                 "inductor/" + os.path.relpath(triton_dir / n.split("/", 1)[1], ours_dir)
+                 for n in INSTALLED}
+    compiled_here = [n for n in new if "/triton/" in n and n not in installed]
     stats = fxoffload.stats()
     # A kernel the client compiled though the farm sent one of the same name: how the two
     # builds' Triton metadata differ (options, specialization, target).
@@ -83,7 +90,7 @@ def main() -> None:
         if not name.endswith(".json") or "/__grp__" in name:
             continue
         base = name.rsplit("/", 1)[1]
-        sent = [n for n in INSTALLED if n.endswith("/" + base)]
+        sent = [n for n in installed if n.endswith("/" + base)]
         if sent:
             mine = json.loads((Path(ours_dir) / name.split("/", 1)[1]).read_text())
             theirs = json.loads((Path(ours_dir) / sent[0].split("/", 1)[1]).read_text())

@@ -17,8 +17,11 @@ own checksum, which ``split_request`` verifies.
 traces, generated code), the fake example inputs (shapes, strides, dtypes, devices, and
 symbolic shapes with their ShapeEnv), the graph kwargs, the tracing context, and the
 captured state (Inductor config, torch flags, logger levels, ...). From the preamble: the
-torch version, the imports and custom ops the worker loads, and the summary (node and
-input counts, devices, forward/backward/inference). A field added to the preamble later is
+torch version, the imports and custom ops the worker loads, the summary (node and input
+counts, devices, forward/backward/inference), the client's CPU for a CPU graph
+(``host_cpu``) and the properties of its GPUs for a CUDA graph (``gpus``: model, compute
+capability, SM count, ...; UUIDs and PCI ids left out, so ranks on GPUs of one model share
+a key). A field added to the preamble later is
 covered unless it is named in ``EXCLUDED``: a field wrongly covered costs a compile, one
 wrongly excluded could serve a wrong artifact.
 

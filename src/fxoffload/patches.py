@@ -17,6 +17,9 @@ The groups and who installs them:
     config        private_config: private config views for threads of ours (torch < 2.13)
     triton_bundle triton_bundle.capture: TritonBundler.put, while a compile runs
     farm_worker   farm.actors.CompileWorker (a farm worker's process only): codecache.write
+    virtual_gpu   virtual_gpu.installed: torch.cuda's queries, Dynamo's CudaInterface,
+                  Triton's driver, CachingAutotuner.precompile (compile only), while a
+                  worker without a GPU compiles a CUDA graph
     aot_cache     _compat._aot_seam: AOTAutograd's cache lookup, key and save, calling
                   fxoffload's observers (the deferred trace's wait, farm.graphs)
 
