@@ -77,6 +77,35 @@ def cpu_delta(before: dict[int, tuple[int, float]],
     return total, gone
 
 
+def process_kind(pid: int) -> str:
+    """A farm process's kind, from its command line: Ray's process titles
+    ("ray::CompileWorker.compile", "ray::IDLE"), or the program ("raylet", "gcs_server")."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    first = argv[0].decode(errors="replace").strip()
+    if first.startswith("ray::"):
+        return first.split()[0].split(".")[0]  # ray::CompileWorker, ray::Registry, ray::IDLE
+    name = Path(first.split()[0]).name if first else "?"
+    if name.startswith("python"):
+        rest = [a.decode(errors="replace") for a in argv[1:3]]
+        return "python " + " ".join(Path(r).name for r in rest if r)[:60]
+    return name
+
+
+def cpu_delta_by_kind(before: dict[int, tuple[int, float]],
+                      after: dict[int, tuple[int, float]]) -> dict[str, float]:
+    """``cpu_delta`` split by ``process_kind`` (of the processes still there)."""
+    out: dict[str, float] = {}
+    for pid, (start, cpu) in after.items():
+        old = before.get(pid)
+        used = cpu - old[1] if old and old[0] == start else cpu
+        kind = process_kind(pid)
+        out[kind] = round(out.get(kind, 0.0) + used, 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 # ---------------------------------------------------------------------------------------
 # the farm: up, status, down (the CLI), admin, its processes' CPU
 

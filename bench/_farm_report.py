@@ -310,5 +310,7 @@ def _note(rec: dict[str, Any]) -> str:
             f"{_fmt(rec.get('first_output_median_s'))}/{_fmt(rec.get('first_output_max_s'))} s"
             f", CPU {_fmt(rec.get('compile_cpu_s'), 1)} s (window "
             f"{_fmt(rec.get('compile_cpu_window_s'), 1)}, farm "
-            f"{_fmt(rec.get('farm_cpu_s'), 1)}){farm}"
+            f"{_fmt(rec.get('farm_cpu_s'), 1)}"
+            + (f": {rec['farm_cpu_by_kind']}" if rec.get("farm_cpu_by_kind") else "")
+            + f"){farm}"
             + (f", fallbacks {rec['fallbacks']}" if rec.get("fallbacks") else ""))

@@ -92,7 +92,7 @@ from _farm_configs import (
     SEQ_EXTRA,
     STOCK_CONFIGS,
 )
-from _farm_procs import Farm, _kill_group, _reader, base_env, cpu_delta
+from _farm_procs import Farm, _kill_group, _reader, base_env, cpu_delta, cpu_delta_by_kind
 from _farm_report import _digest, _median, _note, markdown, summarise, targets
 from first_call import _csv
 
@@ -192,8 +192,10 @@ def run_ranks(args: argparse.Namespace, root: Path, config: str, model: str, rep
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=30)
     if farm:
+        farm_after = farm.cpu()
         record["farm_cpu_s"], record["farm_processes_gone"] = cpu_delta(farm_before,
-                                                                        farm.cpu())
+                                                                        farm_after)
+        record["farm_cpu_by_kind"] = cpu_delta_by_kind(farm_before, farm_after)
     ranks: list[dict[str, Any]] = []
     for rank in range(k):
         res = next((json.loads(x[len(RESULT_MARKER):]) for x in reversed(stdout[rank])

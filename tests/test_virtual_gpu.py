@@ -45,6 +45,7 @@ def test_stand_ins_answer_from_the_description_and_are_undone() -> None:
         assert torch.cuda.is_bf16_supported()
         interface = get_interface_for_device("cuda")
         assert interface.get_compute_capability(0) == 90
+        assert interface.Worker.get_device_properties(0).multi_processor_count == 132
         props = DeviceProperties.create(torch.device("cuda:0"))
         assert (props.multi_processor_count, props.cc, props.warp_size) == (132, 90, 32)
         with torch.cuda.device(0):  # Inductor's device guards
@@ -58,6 +59,9 @@ def test_stand_ins_answer_from_the_description_and_are_undone() -> None:
     assert (torch.cuda.is_available, torch.cuda.get_device_properties) == originals
     assert torch.cuda.is_available() == available
     assert not any(p.startswith("virtual_gpu: ") for p in patches.installed())
+    from torch._dynamo.device_interface import caching_worker_device_properties
+
+    assert "cuda" not in caching_worker_device_properties  # the virtual GPU stays inside
     # A Triton driver built during a compile keeps the stand-ins it bound: they refuse.
     with pytest.raises(RuntimeError, match=r"outside virtual_gpu\.installed"):
         virtual_gpu.get_device_capability(0)

@@ -273,11 +273,6 @@ def _install_dynamo() -> None:
             ("is_bf16_supported", is_bf16_supported)):
         if name in vars(interface):
             patches.replace(GROUP, interface, name, staticmethod(value))
-    # Inductor's worker caches (filled from torch.cuda in its compile subprocesses).
-    for cache_name in ("caching_worker_device_properties", "caching_worker_current_devices"):
-        cache = getattr(di, cache_name, None)
-        if isinstance(cache, dict):
-            cache.pop("cuda", None)
     # A fake CUDA tensor must not create a real one (fake_tensor's device-context init),
     # and the fake mode must behave as on a machine without a device (no constant
     # propagation that would run real CUDA ops).
@@ -336,8 +331,15 @@ def _install_triton() -> None:
 
 def _clear_device_caches() -> None:
     """Inductor and torch memoize what they learn of the devices (``has_triton``,
-    ``is_big_gpu``, ``get_system``, ``DeviceProperties.create``, …): what was true before
-    (no GPU) must not leak into the virtual compile, nor the virtual GPU out of it."""
+    ``is_big_gpu``, ``get_system``, ``DeviceProperties.create``, the device interface's
+    worker caches, …): what was true before (no GPU) must not leak into the virtual
+    compile, nor the virtual GPU out of it."""
+    from torch._dynamo import device_interface as di
+
+    for cache_name in ("caching_worker_device_properties", "caching_worker_current_devices"):
+        cache = getattr(di, cache_name, None)
+        if isinstance(cache, dict):
+            cache.pop("cuda", None)
     for module_name in ("torch.utils._triton", "torch._inductor.utils",
                         "torch._inductor.codecache", "torch._inductor.runtime.hints",
                         "torch._dynamo.device_interface"):
