@@ -23,11 +23,13 @@ POOL = {"workers": 1}  # one settings key, so every subprocess test shares one w
 
 
 def settings_for(mode: str, tmp_path: object = None, **extra: object) -> dict[str, object]:
-    """Keywords for ``mode``. A synchronous subprocess pool is warmed up first: with no
-    warm worker free, a synchronous compile runs in-process (tests/test_cold_start.py)."""
+    """Keywords for ``mode``. A subprocess pool is warmed up first: with no warm worker
+    free, a compile runs in-process, synchronous or in the background
+    (tests/test_cold_start.py)."""
     kw: dict[str, object] = {"mode": mode, **extra}
-    if mode == "subprocess":
-        kw.update(POOL)
+    if mode.rpartition("+")[2] == "subprocess":
+        if mode == "subprocess":
+            kw.update(POOL)
         from fxoffload.executors import get_executor
 
         get_executor(fxoffload.Settings.resolve(**kw)).warmup(wait=True)

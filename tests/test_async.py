@@ -291,6 +291,7 @@ def test_background_compile_fills_the_cache_for_the_next_process(tmp_path: Any) 
         from models import MLP
         torch.manual_seed(0)
         model, x = MLP(), torch.randn(4, 16)
+        fxoffload.warmup(mode="async+subprocess", workers=1)  # else the first compiles here
         def compile():
             return torch.compile(model, backend=fxoffload.backend(mode="async+subprocess",
                                                                   workers=1))

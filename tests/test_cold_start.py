@@ -1,5 +1,6 @@
-"""Never slower than stock with a cold pool: a synchronous compile that finds no warm
-worker free compiles here at once (the pool warms up meanwhile for later graphs); a
+"""Never slower than stock with a cold pool: a compile that finds no warm worker free
+compiles here at once, synchronous or in the background (the pool warms up meanwhile for
+later graphs); a
 worker that comes up with a request already waiting skips its warm-up; and an exit while
 workers start is quiet."""
 
@@ -48,19 +49,52 @@ def test_sync_compile_with_a_cold_pool_runs_here_and_the_pool_warms_for_the_next
     assert dict(fxoffload.stats().compiled_in_process) == {"no_warm_worker": 1}
 
 
+def test_async_compile_with_a_cold_pool_runs_on_our_thread_and_the_pool_warms() -> None:
+    """async+subprocess, no warm worker when the graph is ready: compiled on our
+    in-process thread at once (a cold worker's start-up would come first), counted as
+    compiled in-process, not offloaded; the next graph goes to the warmed pool."""
+    settings = _fresh(mode="async+subprocess")
+    pool = get_executor(settings)
+    assert not pool.ready_now()
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(3, 16)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=fxoffload.backend(settings))
+        torch.testing.assert_close(compiled(x), model(x))  # eagerly
+        assert fxoffload.wait(300)
+        torch.testing.assert_close(compiled(x), model(x))
+    snap = fxoffload.stats()
+    assert dict(snap.compiled_in_process) == {"no_warm_worker": 1}, snap
+    assert snap.graphs_offloaded == 0 and snap.swaps == 1 and dict(snap.fallbacks) == {}
+    assert snap.compiled_runs >= 1
+    pool.warmup(wait=True)  # started by that graph
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=fxoffload.backend(settings))
+        compiled(x * 2)
+        assert fxoffload.wait(300)
+        torch.testing.assert_close(compiled(x * 2), model(x * 2))
+    snap = fxoffload.stats()
+    assert snap.graphs_offloaded + snap.fx_cache_hits + snap.aot_cache_hits >= 1, snap
+    assert dict(snap.compiled_in_process) == {"no_warm_worker": 1}, snap
+
+
 def test_a_worker_that_comes_up_to_a_waiting_request_skips_its_warm_up(
         caplog: pytest.LogCaptureFixture) -> None:
-    settings = _fresh(mode="async+subprocess", nice=0)
+    """progressive+subprocess with a cold pool: the first stage compiles here, the later
+    stage waits for the starting worker, which skips its warm-up for it."""
+    settings = _fresh(mode="progressive+subprocess", nice=0)
     torch.manual_seed(0)
     model, x = MLP().eval(), torch.randn(3, 16)
     with caplog.at_level(logging.DEBUG, logger="fxoffload.pool"), torch.no_grad():
         compiled = torch.compile(model, backend=fxoffload.backend(settings))
-        compiled(x)  # eagerly; the request waits for the worker, which is starting
+        compiled(x)  # eagerly; the last stage waits for the worker, which is starting
         assert fxoffload.wait(300)
         out = compiled(x)
     torch.testing.assert_close(out, model(x))
     snap = fxoffload.stats()
-    assert snap.graphs_offloaded == 1 and snap.swaps == 1, snap
+    assert dict(snap.compiled_in_process) == {"no_warm_worker": 1}, snap
+    assert snap.graphs_offloaded == len(settings.config_stages) - 1, snap
     assert any("warm-up skipped for a waiting request" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 

@@ -29,6 +29,7 @@ def test_eager_stand_in_leaves_the_busy_worker_its_core(tmp_path: Any) -> None:
         gate = tmp_path / "release"
         x = torch.randn(8, 8)
         THREADS_SEEN.clear()
+        fxoffload.warmup(mode="async+subprocess", workers=1)  # else it compiles here
         with torch._inductor.config.patch(post_grad_custom_post_pass=WaitsForFile(str(gate))):
             compiled = torch.compile(f, backend=fxoffload.backend(mode="async+subprocess",
                                                                   workers=1))
@@ -66,3 +67,27 @@ def test_serde_compiles_do_not_cap_threads(tmp_path: Any) -> None:
     gate.touch()
     assert fxoffload.wait(300)
     assert THREADS_SEEN[0] == torch.get_num_threads(), THREADS_SEEN
+
+
+def test_eager_stand_ins_pace_themselves_only_where_cores_are_scarce(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a compile of ours in flight, an eager stand-in's run is followed by a pause
+    of _PACE times its length where the cores are scarce; with cores to spare, none."""
+    from fxoffload import cpu_threads
+
+    def paused_for(cores: int) -> float:
+        monkeypatch.setattr(cpu_threads, "cores", lambda: cores)
+        t0 = time.perf_counter()
+        cpu_threads.pace(0.05)
+        return time.perf_counter() - t0
+
+    assert paused_for(2) < 0.04  # nothing of ours in flight
+    cpu_threads.here_started()
+    try:
+        assert paused_for(2) >= 0.05 * cpu_threads._PACE
+        assert paused_for(16) < 0.04
+    finally:
+        cpu_threads.here_ended()
+    with cpu_threads.tracing():
+        assert paused_for(1) >= 0.05 * cpu_threads._PACE
+    assert paused_for(1) < 0.04

@@ -14,7 +14,9 @@ import pytest
 
 SCRIPT = textwrap.dedent("""
     import os, torch, fxoffload
-    fxoffload.warmup(mode="subprocess", workers=1)  # a cold pool's first compile stays here
+    # A cold pool's first compile stays here (sync and async): warm both pools first.
+    fxoffload.warmup(mode="subprocess", workers=1)
+    fxoffload.warmup(mode="async+subprocess", workers=1)
 
     def f(x):
         return x.sin() * 2

@@ -171,11 +171,16 @@ class Deferred:
         STATS.add(eager_runs=1)
         assert self._eager is not None
         threads = cpu_threads.beside_workers() if self._on_cpu else contextlib.nullcontext()
+        first = not self._first_ran.is_set()  # the first output is not held back
+        t0 = time.perf_counter()
         try:
             with threads:
-                return self._eager(*args)
+                out = self._eager(*args)
         finally:
             self._first_ran.set()
+        if not first:
+            cpu_threads.pace(time.perf_counter() - t0)
+        return out
 
     # -- the front thread -------------------------------------------------------------
     def _run(self, compile: Callable[[Any, Any], Any], example_inputs: list[Any]) -> None:
@@ -205,7 +210,7 @@ class Deferred:
                 if not _compat.watch_aot_cache_lookup(_looked_up):
                     self._decided.set()
                 with private_config.private_config(self._private_config), _state(self), \
-                        isolation.our_thread(), _fast_switching():
+                        isolation.our_thread(), _fast_switching(), cpu_threads.tracing():
                     compiled = compile(self._gm, example_inputs)
                 self._compiled = compiled
         except PoolClosed as e:  # shutdown or interpreter exit: nothing to report

@@ -8,7 +8,8 @@ each other."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,14 +19,19 @@ from .tally import STATS
 
 
 def run(gm: torch.fx.GraphModule, args: list[Any],
-        threads: contextlib.AbstractContextManager[Any] | None = None) -> Any:
+        threads: contextlib.AbstractContextManager[Any] | None = None,
+        pace: Callable[[float], None] | None = None) -> Any:
     """Call ``gm`` on ``args`` eagerly, in Inductor's boxed convention (the callee frees
-    its inputs), counted in ``stats().eager_runs``."""
+    its inputs), counted in ``stats().eager_runs``; then ``pace(seconds it took)``."""
     STATS.add(eager_runs=1)
     inputs = list(args)
     args.clear()
+    t0 = time.perf_counter()
     with torch.no_grad(), threads or contextlib.nullcontext():
-        return gm(*inputs)
+        out = gm(*inputs)
+    if pace is not None:
+        pace(time.perf_counter() - t0)
+    return out
 
 
 class EagerOutput(OutputCode):

@@ -26,6 +26,11 @@ class Executor(abc.ABC):
         free). In-process executors always are."""
         return True
 
+    def starting(self) -> bool:
+        """Whether no worker is warm yet: a request would wait for a start-up (a cold
+        pool), not for another compile to end. In-process executors never are."""
+        return False
+
     def paused(self) -> contextlib.AbstractContextManager[None]:
         """A block in which the executor takes no CPU for starting up (the parent
         compiles a graph itself meanwhile)."""

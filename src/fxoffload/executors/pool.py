@@ -125,6 +125,11 @@ class WorkerPool(Executor):
             return not self._closed and self._broken is None and any(
                 w.warm and not w.busy and w.alive() for w in self._workers.values())
 
+    def starting(self) -> bool:
+        with self._lock:
+            return not self._closed and self._broken is None and not any(
+                w.warm and w.alive() for w in self._workers.values())
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """While the parent compiles a graph itself because no worker was warm: no worker
