@@ -16,8 +16,13 @@ cost one step), under the context and CUDA device of the thread that made the ou
 What the user sees (replayed logs, warnings and metrics, ``post_compile``) happens on the
 caller's thread, at the first call after a stage arrives, with the install itself.
 
-While compiles run in worker processes on this machine, a graph on the CPU runs its eager
-stand-in with fewer intra-op threads (``cpu_threads``).
+A graph that is ready while its pool has no warm worker yet (a cold start) is compiled on
+our in-process thread instead (the ``serde`` executor; ``compiled_in_process
+["no_warm_worker"]``): a worker's start-up and then its first compile come later than that.
+
+While compiles of ours run on this machine, a graph on the CPU runs its eager stand-in
+with fewer intra-op threads, and where cores are scarce the stand-ins pace themselves
+(``cpu_threads``).
 
 Eager and compiled halves of a training graph can meet (an eager forward's saved tensors
 fed to a compiled backward, or the reverse), so the forward is compiled with the strides
@@ -107,7 +112,7 @@ class _Stage:
         self.response: protocol.CompileResponse | None = None
         self.job: progress.Job | None = None  # its line in the progress display
         self.here = False  # compiled on our in-process thread
-        self.rerouted = False  # there because no warm worker was free
+        self.rerouted = False  # here because no worker was warm yet (not offloaded)
 
 
 class BackgroundOutput(OutputCode):

@@ -3,8 +3,9 @@
 Synchronous modes compile in the calling thread. Background modes (``async+serde``) need
 the call to return at once, so they compile on one daemon thread, one request at a time;
 that thread shares this process's Inductor config (see ``isolation`` for what is kept
-apart from the user's thread), so it is meant for tests and for debugging the boundary,
-not for speed."""
+apart from the user's thread). As a mode it is meant for tests and for debugging the
+boundary; the background modes also use that thread for a graph that is ready while the
+worker pool is still cold (``background.BackgroundOutput.start``)."""
 
 from __future__ import annotations
 
