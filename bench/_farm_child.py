@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,9 +100,20 @@ def child_run(spec: dict[str, Any], result: dict[str, Any]) -> None:
     t0 = float(line)
     result["release_lag_s"] = time.monotonic() - t0
 
+    profile_dir = os.environ.get("FARM_BENCH_PROFILE")  # cProfile of the step (this thread)
+    profiler: Any = None
+    if profile_dir:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     _child_step(compiled, inputs)
     _sync(torch, device)
     result["first_output_s"] = time.monotonic() - t0
+    if profiler is not None:
+        profiler.disable()
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(str(Path(profile_dir) / f"{config}-rank{spec['rank']}.prof"))
     if config == "async+farm":
         result["wait_ok"] = fxo.wait(timeout=spec["timeout"])
         _child_step(compiled, inputs)
@@ -163,6 +175,10 @@ def child_main(spec_json: str) -> int:
     finally:
         _shutdown_child(result)
     result["cpu_exit_s"] = _cpu_s()
+    import resource
+
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # Inductor's compile workers, g++
+    result["cpu_children_s"] = kids.ru_utime + kids.ru_stime
     if result.get("cpu_ready_s") is not None:
         result["cpu_window_s"] = result["cpu_exit_s"] - result["cpu_ready_s"]
     sys.stdout.flush()

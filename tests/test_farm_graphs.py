@@ -35,6 +35,8 @@ def test_a_later_client_loads_the_whole_graph_from_the_farm(farm: Any,
     assert later["stats"]["farm"] == {"graphs_hit": 1}, later["stats"]["farm"]
     assert later["stats"]["aot_cache_hits"] == 1, later["stats"]
     assert later["stats"]["graphs_offloaded"] == 0
+    # the CPU's vector ISAs came with the graphs (signed): the later client probed nothing
+    assert later["stats"]["vec_isa_adopted"] == 1, later["stats"]
     # every kernel library the later client has came from the farm
     cache = tmp_path / "later" / "cache0"
     built = {f"inductor/{p.relative_to(cache)}" for p in cache.rglob("*.so")}

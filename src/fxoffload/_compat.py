@@ -323,6 +323,14 @@ def vec_isa_names() -> tuple[str, ...]:
     return tuple(str(isa) for isa in valid_vec_isa_list())
 
 
+def probed_vec_isa() -> tuple[str, ...] | None:
+    """``vec_isa_names()`` where this process has probed (or adopted) already; else None,
+    without probing."""
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    return vec_isa_names() if valid_vec_isa_list.cache_info().currsize else None
+
+
 def adopt_vec_isa(names: tuple[str, ...]) -> bool:
     """Take another process's probe result (``vec_isa_names``) as this one's, when this
     process has not probed yet and its CPU reports the same ISAs.

@@ -54,6 +54,11 @@ from . import bundle
 
 log = logging.getLogger("fxoffload.farm")
 
+# Not a file: the publisher's CPU vector ISAs (``_compat.vec_isa_names``), which a client
+# that loads the graphs adopts where its CPU reports the same, instead of probing them by
+# building a library per ISA with the compiler (about 1 CPU-s per client on the 2-core
+# machine: 3 ISAs). Signed with the files.
+VEC_ISA = "fxoffload:vec_isa"
 _serving: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "fxoffload_farm_graphs", default=None)
 _lock = threading.Lock()
@@ -141,7 +146,13 @@ def _before_lookup(key: str) -> None:
         how, files = executor.fetch_graphs(key, lease_s=block.lease_s)
         t1 = time.perf_counter()
         if files:
+            isa = files.pop(VEC_ISA, None)
             written = bundle.write_into(dirs, files)
+            # After the files: adopting still checks the ISAs' extra features (AVX-512
+            # BF16, VNNI) by building a library each, which the publisher's files hold.
+            if isa is not None and _compat.adopt_vec_isa(
+                    tuple(n for n in isa.decode().split("\n") if n)):
+                STATS.add(vec_isa_adopted=1)
             INSTALLED.update(written)
             STATS.add(farm_files_installed=len(written))
             STATS.count_farm(f"graphs_{how}")  # graphs_hit, graphs_joined
@@ -178,6 +189,8 @@ def _after_save(key: str, entry: Any) -> None:
         names.update(bundle.names_under(dirs, _name(dirs, _compat.fx_graph_entry_dir(fx_key))))
     files = bundle.read(dirs, names)
     files.update(bundle.new_files(dirs, before))
+    if (isa := _compat.probed_vec_isa()) is not None:
+        files[VEC_ISA] = "\n".join(isa).encode()
     t0 = time.perf_counter()
     try:
         executor.publish_graphs(key, files)
