@@ -141,7 +141,7 @@ def test_other_compiles_finish_when_one_worker_dies(tmp_path: Any) -> None:
     snap = fxoffload.stats()
     # the healthy graph's compiles arrived (from a worker; or compiled here, where every
     # worker was dead and starting again when it was ready); only the doomed ones fell back
-    assert snap.graphs_offloaded + snap.compiled_in_process["no_warm_worker"] >= 1
+    assert snap.graphs_offloaded + snap.compiled_in_process.get("no_warm_worker", 0) >= 1
     assert snap.swaps >= 2
     assert set(snap.fallbacks) == {"worker_crashed"}
     assert _wait_for(lambda: len(pool.worker_pids()) == 2, 120)

@@ -96,7 +96,7 @@ def wait(timeout: float | None = None) -> bool:
     """Block until every background compile (async/progressive modes) has arrived or
     failed; False if ``timeout`` seconds ran out first. Arrived code is swapped in at
     each graph's next call."""
-    from .background import wait as _wait
+    from .pending import wait as _wait
 
     return _wait(timeout)
 

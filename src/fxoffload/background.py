@@ -50,6 +50,7 @@ from . import (
     isolation,
     naming,
     offload,
+    pending,
     progress,
     protocol,
     timeline,
@@ -62,35 +63,11 @@ from .tally import STATS
 
 log = logging.getLogger("fxoffload")
 
-_idle = threading.Condition()
 _POLICY_ACTIONS = {
     "fallback": "compiling in-process at the graph's next call",
     "eager": "running the graph eagerly from now on",
     "raise": "raising at the graph's next call",
 }
-
-
-def wait(timeout: float | None = None) -> bool:
-    """Block until no background compile is in flight; False if ``timeout`` ran out."""
-    with _idle:
-        return _idle.wait_for(lambda: STATS.background_pending == 0, timeout)
-
-
-def _started(**counts: int) -> None:
-    with _idle:
-        STATS.add(background_pending=1, **(counts or {"background_compiles": 1}))
-
-
-def _finished() -> None:
-    with _idle:
-        STATS.add(background_pending=-1)
-        _idle.notify_all()
-
-
-def exiting() -> bool:
-    """The interpreter is exiting: the main thread has finished (a compile that fails now
-    fails because torch is shutting down, and nobody will call the graph again)."""
-    return not threading.main_thread().is_alive()
 
 
 def pin_output_strides(gm: torch.fx.GraphModule) -> None:
@@ -178,7 +155,7 @@ class BackgroundOutput(OutputCode):
             self._first_stage = stage
         with self._lock:
             self._outstanding += 1
-        _started()
+        pending.started()
         if self._graph is None:  # on the compiling thread, under Dynamo's compile context
             self._graph = naming.identify(self._gm, self._graph_kwargs)
         stage.job = progress.track(self._graph, progress.QUEUED,
@@ -186,7 +163,7 @@ class BackgroundOutput(OutputCode):
         settings = self._settings
         in_worker = settings.base_mode == "subprocess"  # a process beside us
         paused: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if in_worker and stage.index == 0 and not exiting():
+        if in_worker and stage.index == 0 and not pending.exiting():
             # (At exit, a compile started here would still run in C++ at finalization.)
             pool = offload.get_executor(settings)
             if pool.starting():
@@ -219,7 +196,7 @@ class BackgroundOutput(OutputCode):
             future.add_done_callback(cpu_threads.here_ended)
         elif in_worker:
             future.add_done_callback(cpu_threads.compile_ended)
-        future.add_done_callback(lambda f: _receiver().put((self, stage, f)))
+        future.add_done_callback(lambda f: pending.receive(self._receive, stage, f))
 
     def defer_save(self, key: str, guards_expr: str | None, local: bool,
                    remote_cache: Any) -> None:
@@ -245,27 +222,27 @@ class BackgroundOutput(OutputCode):
             with self._lock:
                 self._outstanding -= 1
             progress.drop(stage.job)
-            _finished()
+            pending.finished()
             return
         except FxOffloadError as e:
-            if exiting():  # e.g. Inductor's thread pools refused work at shutdown
+            if pending.exiting():  # e.g. Inductor's thread pools refused work at shutdown
                 log.debug("fxoffload: background compile abandoned at exit: %s", e)
                 with self._lock:
                     self._outstanding -= 1
                 progress.drop(stage.job)
-                _finished()
+                pending.finished()
                 return
             with self._about(stage):
                 self._stage_failed(stage, e)
             progress.move(stage.job, progress.FAILED)
-            _finished()
+            pending.finished()
             return
         except BaseException as e:  # a receiver must not die
             log.exception("fxoffload: unexpected failure receiving a compile: %s", e)
             with self._lock:
                 self._outstanding -= 1
             progress.move(stage.job, progress.FAILED)
-            _finished()
+            pending.finished()
             return
         t1 = time.perf_counter()
         STATS.add(graphs_offloaded=0 if stage.rerouted else 1, bytes_sent=len(stage.request),
@@ -300,7 +277,7 @@ class BackgroundOutput(OutputCode):
                         **args)
                 tl.flush()
         finally:
-            _finished()
+            pending.finished()
 
     # -- naming, for the timeline ---------------------------------------------------------
     def _span_name(self, stage: _Stage) -> str:
@@ -456,31 +433,3 @@ def compile_in_background(settings: Settings, fake_mode: Any, gm: torch.fx.Graph
     for stage in stages:
         output.start(stage)
     return output
-
-
-# -- the receiver thread -----------------------------------------------------------------
-_receiver_lock = threading.Lock()
-_receiver_queue: Any = None
-
-
-def _receiver() -> Any:
-    """A queue served by one daemon thread, started on first use: decoding is kept off the
-    executor's threads, which go on to the next compile at once."""
-    global _receiver_queue
-    with _receiver_lock:
-        if _receiver_queue is None:
-            import queue
-
-            _receiver_queue = queue.SimpleQueue()
-            threading.Thread(target=_serve, args=(_receiver_queue,), daemon=True,
-                             name="fxoffload-receiver").start()
-        return _receiver_queue
-
-
-def _serve(jobs: Any) -> None:
-    while True:
-        output, stage, future = jobs.get()
-        try:
-            output._receive(stage, future)
-        except BaseException as e:  # a receiver must not die: later arrivals would wait
-            log.exception("fxoffload: unexpected failure after receiving a compile: %s", e)

@@ -52,11 +52,11 @@ from . import (
     isolation,
     naming,
     offload,
+    pending,
     private_config,
     progress,
     timeline,
 )
-from .background import _finished, _started, exiting
 from .errors import PoolClosed, TraceFailed
 from .settings import Settings
 from .tally import STATS
@@ -142,7 +142,7 @@ class Deferred:
         # Named now, on the caller's thread, while Dynamo's translator is there to ask.
         self._graph = naming.identify(gm)
         self._job = progress.track(self._graph, progress.TRACING)
-        _started(background_traces=1)
+        pending.started(background_traces=1)
         # Config patches are context variables on torch 2.13: the thread starts in a
         # copy of the caller's context, so it compiles under the config Dynamo saw.
         context = contextvars.copy_context()
@@ -216,7 +216,7 @@ class Deferred:
         except PoolClosed as e:  # shutdown or interpreter exit: nothing to report
             log.debug("fxoffload: deferred compile abandoned: %s", e)
         except BaseException as e:  # noqa: BLE001 - reported to the caller's thread
-            if exiting():
+            if pending.exiting():
                 log.debug("fxoffload: deferred compile abandoned at exit: %s", e)
                 return
             error = TraceFailed(e)
@@ -244,7 +244,7 @@ class Deferred:
                         **graph(step="trace"))
                 tl.flush()
             STATS.add(trace_s=time.perf_counter() - t1)
-            _finished()
+            pending.finished()
             with _threads_lock:
                 _threads.discard(threading.current_thread())
 
