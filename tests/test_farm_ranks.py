@@ -27,6 +27,7 @@ def test_ranks_share_one_compile_and_stay_in_step(farm: Any, tmp_path: Path) -> 
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3",
          "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "--log-dir", str(tmp_path / "torchrun"),  # else a /tmp/torchelastic_* stays
          str(HERE / "farm_rank.py"), mode, str(tmp_path)],
         env={**farm.env(), "OMP_NUM_THREADS": "1",
              "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")},
