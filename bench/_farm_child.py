@@ -40,11 +40,13 @@ READY_MARKER = "FARM_BENCH_READY"
 ADMIN_MARKER = "FARM_BENCH_ADMIN "
 
 
-def _cpu_s() -> float:
+def _cpu_s(children_only: bool = False) -> float:
     import resource
 
-    me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if children_only:  # Inductor's compile workers, g++, the ISA probes' loaders
+        return kids.ru_utime + kids.ru_stime
+    me = resource.getrusage(resource.RUSAGE_SELF)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
@@ -175,10 +177,7 @@ def child_main(spec_json: str) -> int:
     finally:
         _shutdown_child(result)
     result["cpu_exit_s"] = _cpu_s()
-    import resource
-
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # Inductor's compile workers, g++
-    result["cpu_children_s"] = kids.ru_utime + kids.ru_stime
+    result["cpu_children_s"] = _cpu_s(children_only=True)
     if result.get("cpu_ready_s") is not None:
         result["cpu_window_s"] = result["cpu_exit_s"] - result["cpu_ready_s"]
     sys.stdout.flush()

@@ -1,8 +1,7 @@
 """Never slower than stock with a cold pool: a compile that finds no warm worker free
 compiles here at once, synchronous or in the background (the pool warms up meanwhile for
-later graphs); a
-worker that comes up with a request already waiting skips its warm-up; and an exit while
-workers start is quiet."""
+later graphs); a worker that comes up with a request already waiting skips its warm-up;
+and an exit while workers start is quiet."""
 
 from __future__ import annotations
 

@@ -88,7 +88,6 @@ class _Stage:
         self.submitted = time.perf_counter()
         self.response: protocol.CompileResponse | None = None
         self.job: progress.Job | None = None  # its line in the progress display
-        self.here = False  # compiled on our in-process thread
         self.rerouted = False  # here because no worker was warm yet (not offloaded)
 
 
@@ -181,8 +180,8 @@ class BackgroundOutput(OutputCode):
                     if (tl := timeline.get()) is not None:
                         tl.instant("compiling here: no warm worker yet",
                                    time.perf_counter(), **self._event_args(stage))
-        stage.here = settings.base_mode == "serde"  # on our in-process thread
-        if stage.here:
+        here = settings.base_mode == "serde"  # on our in-process thread
+        if here:
             cpu_threads.here_started()
         elif in_worker:
             cpu_threads.compile_started(settings.workers)
@@ -192,7 +191,7 @@ class BackgroundOutput(OutputCode):
             held = held.pop_all()  # closed when the compile is done
         progress.attach(stage.job, future)
         future.add_done_callback(lambda f: held.close())
-        if stage.here:
+        if here:
             future.add_done_callback(cpu_threads.here_ended)
         elif in_worker:
             future.add_done_callback(cpu_threads.compile_ended)

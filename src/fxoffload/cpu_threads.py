@@ -84,9 +84,14 @@ def pace(elapsed: float) -> None:
     """After an eager stand-in's run of ``elapsed`` seconds: sleep ``_PACE`` times that
     where the cores are scarce (see the module docstring)."""
     with _threads_lock:
-        busy = min(_worker_compiles, max(_pool_workers, 1)) + _here
+        busy = _busy_workers() + _here
     if cores_are_scarce(busy):
         time.sleep(elapsed * _PACE)
+
+
+def _busy_workers() -> int:
+    """Workers compiling now (queued compiles wait for a free one). Under _threads_lock."""
+    return min(_worker_compiles, _pool_workers)
 
 
 def compile_started(pool_workers: int) -> None:
@@ -121,8 +126,7 @@ def beside_workers() -> Iterator[None]:
             if _capped_runs == 0:
                 _user_threads = torch.get_num_threads()
             _capped_runs += 1
-            busy = min(_worker_compiles, _pool_workers)
-            torch.set_num_threads(max(1, min(_user_threads, cores() - busy)))
+            torch.set_num_threads(max(1, min(_user_threads, cores() - _busy_workers())))
     try:
         yield
     finally:
