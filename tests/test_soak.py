@@ -12,7 +12,9 @@ build per compile, one at a time), FXOFFLOAD_SOAK_N sets any number, FXOFFLOAD_S
 the random seed (default: a new one, printed on failure). It found a real bug: the pool
 used to SIGKILL a dead worker's process group at once, and a linker killed mid-write left
 a truncated .so in the shared Inductor cache, which the in-process fallback then loaded
-("file too short"); see ``executors.process._drain_group``."""
+("file too short"); see ``executors.process._drain_group``. A later CI run found a cut-off
+library even so: a compiler whose pipe lost its reader dies of SIGPIPE mid-write
+(tests/test_cut_builds.py; ``executors.process.remove_cut_builds``)."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import logging
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -116,6 +117,7 @@ class WorkerProcess:
 
     def run(self, request: bytes, timeout: float) -> bytes:
         deadline = wire.Deadline(timeout)
+        sent = time.time()
         try:
             wire.write_all(self.req_w, request, deadline)
             if not self.warm:  # sent before its warm-up: it skips it, and says so first
@@ -123,9 +125,11 @@ class WorkerProcess:
             frame = wire.read_frame(self.resp_r, deadline)
         except wire.StreamTimeout:
             self.kill()
+            remove_cut_builds(sent)
             raise WorkerTimeout(self.pid, timeout, "its compile") from None
         except wire.StreamClosed:
             code = self.kill()
+            remove_cut_builds(sent)
             raise WorkerCrashed(self.pid, code, "while compiling") from None
         except ProtocolError as e:
             self.kill()
@@ -203,6 +207,71 @@ def _drain_group(pgid: int) -> None:
     deadline = time.monotonic() + 5.0
     while _group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def remove_cut_builds(since: float, root: str | None = None) -> list[str]:
+    """Remove the cut-off builds a dead worker left in the shared Inductor cache: ELF
+    files (``.so``, ``.o``) written since ``since`` whose section header table, which the
+    linker writes last, lies past their end. Draining the worker's group lets its builds
+    finish, but not every one can: the compiler's output pipe lost its reader with the
+    worker, and a tool that writes a diagnostic then dies of SIGPIPE, possibly with its
+    output half written at the final path. Inductor only checks that the file exists, so
+    the in-process fallback, and every later compile of that kernel, would load it ("file
+    too short"). Removed, it is rebuilt. A file some live process has open (another
+    worker's linker at work) is left alone. Returns what it removed."""
+    if root is None:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        root = cache_dir()
+    cut = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith((".so", ".o")):
+                path = os.path.join(folder, name)
+                with contextlib.suppress(OSError):  # gone already
+                    if os.stat(path).st_mtime >= since - 1.0 and _cut_off(path):
+                        cut.append(path)
+    removed = []
+    if cut:
+        in_use = _open_files()
+        for path in cut:
+            if os.path.realpath(path) not in in_use:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    removed.append(path)
+    if removed:
+        log.warning("fxoffload: removed %d cut-off build(s) a dead worker left in the "
+                    "Inductor cache: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _cut_off(path: str) -> bool:
+    """Whether an ELF file ends before its section header table (a build cut off)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if len(head) < 64 or head[:4] != b"\x7fELF":
+        return True
+    order = "<" if head[5] == 1 else ">"
+    if head[4] == 2:  # ELF64
+        (shoff,) = struct.unpack_from(order + "Q", head, 0x28)
+        shentsize, shnum = struct.unpack_from(order + "HH", head, 0x3A)
+    else:  # ELF32
+        (shoff,) = struct.unpack_from(order + "I", head, 0x20)
+        shentsize, shnum = struct.unpack_from(order + "HH", head, 0x2E)
+    return bool(shoff + shentsize * shnum > os.path.getsize(path))
+
+
+def _open_files() -> set[str]:
+    """The files live processes have open (those of ours we can see, on Linux)."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                with contextlib.suppress(OSError):
+                    for fd in os.listdir(f"/proc/{pid}/fd"):
+                        with contextlib.suppress(OSError):
+                            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return found
 
 
 def _group_alive(pgid: int) -> bool:
