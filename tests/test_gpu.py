@@ -226,3 +226,28 @@ def test_async_transformers_training(name: str) -> None:
     snap = fxoffload.stats()
     # forward and backward each swapped in (the backward went to the pool with it)
     assert snap.swaps >= 2 and snap.compiled_runs >= 2 and snap.fallback_count == 0, snap
+
+
+@pytest.mark.parametrize("mode", ["subprocess", "farm"])
+def test_farm_client_starts_no_inductor_compile_pool(mode: str, tmp_path: Any) -> None:
+    """A synchronous backend starts Inductor's Triton compile pool (one process per core,
+    each importing torch), as stock does, for a compile in this process; a farm client
+    does not: it compiles only if the farm fails (4 GPU ranks spent most of their CPU
+    on those pools)."""
+    pytest.importorskip("ray")
+    key = tmp_path / "key"
+    key.write_text(os.urandom(32).hex())
+    key.chmod(0o600)
+    farm = ", farm='127.0.0.1:1'" if mode == "farm" else ""
+    code = textwrap.dedent(f"""
+        import fxoffload
+        from torch._inductor.async_compile import AsyncCompile, get_compile_threads
+        fxoffload.backend(mode={mode!r}{farm})
+        print(get_compile_threads(), AsyncCompile.process_pool.cache_info().currsize)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "FXOFFLOAD_FARM_KEY_FILE": str(key)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    threads, pools = map(int, out.stdout.split()[-2:])
+    assert threads > 1, "a machine with one core shows nothing here"
+    assert pools == (0 if mode == "farm" else 1)

@@ -168,9 +168,12 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
     install()
     if resolved.background:
         start_background(resolved)
-    else:
+    elif resolved.base_mode != "farm":
         # A synchronous backend may compile in this process (no warm worker yet): start
         # Inductor's Triton compile pool now, as torch.compile(backend="inductor") does.
+        # Not for the farm: its workers are up before any client, and the client compiles
+        # only if the farm fails; the pool's processes (one per core, each importing
+        # torch) were most of a GPU farm client's CPU time.
         _warm_compile_pool()
         if resolved.base_mode == "farm":
             from .executors import get_executor
