@@ -228,13 +228,18 @@ def test_async_transformers_training(name: str) -> None:
     assert snap.swaps >= 2 and snap.compiled_runs >= 2 and snap.fallback_count == 0, snap
 
 
-@pytest.mark.parametrize("mode", ["subprocess", "farm"])
-def test_farm_client_starts_no_inductor_compile_pool(mode: str, tmp_path: Any) -> None:
-    """A synchronous backend starts Inductor's Triton compile pool (one process per core,
-    each importing torch), as stock does, for a compile in this process; a farm client
-    does not: it compiles only if the farm fails (4 GPU ranks spent most of their CPU
-    on those pools)."""
-    pytest.importorskip("ray")
+@pytest.mark.parametrize(("mode", "pools"), [("subprocess", 1), ("async+serde", 1),
+                                             ("async+subprocess", 1), ("farm", 0)])
+def test_inductor_compile_pool_started_where_this_process_compiles(
+        mode: str, pools: int, tmp_path: Any) -> None:
+    """Inductor's Triton compile pool (one process per core, each importing torch) is
+    started when the backend is made, as stock does, where a graph may compile in this
+    process: sync (no warm worker yet), async+serde (always), async+subprocess with a
+    cold pool (the cold route). Otherwise it is made at the first kernel and used only
+    once ready: the kernels of that compile build one by one. A farm client compiles only
+    if the farm fails: no pool (4 GPU ranks spent most of their CPU on those pools)."""
+    if mode == "farm":
+        pytest.importorskip("ray")
     key = tmp_path / "key"
     key.write_text(os.urandom(32).hex())
     key.chmod(0o600)
@@ -244,10 +249,13 @@ def test_farm_client_starts_no_inductor_compile_pool(mode: str, tmp_path: Any) -
         from torch._inductor.async_compile import AsyncCompile, get_compile_threads
         fxoffload.backend(mode={mode!r}{farm})
         print(get_compile_threads(), AsyncCompile.process_pool.cache_info().currsize)
+        fxoffload.shutdown()
     """)
+    env = {**os.environ, "FXOFFLOAD_FARM_KEY_FILE": str(key),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}  # empty: a cold start
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "FXOFFLOAD_FARM_KEY_FILE": str(key)}, timeout=120)
+                         env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    threads, pools = map(int, out.stdout.split()[-2:])
+    threads, made = map(int, out.stdout.split()[-2:])
     assert threads > 1, "a machine with one core shows nothing here"
-    assert pools == (0 if mode == "farm" else 1)
+    assert made == pools

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import patches, pool_start
+from . import _compat, patches, pool_start
 from .settings import Settings
 
 log = logging.getLogger("fxoffload")
@@ -168,17 +168,17 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
     install()
     if resolved.background:
         start_background(resolved)
-    elif resolved.base_mode != "farm":
+    elif resolved.base_mode == "farm":
+        # No Inductor compile pool (below): the farm's workers are up before any client,
+        # which compiles only if the farm fails; the pool's processes (one per core, each
+        # importing torch) were most of a GPU farm client's CPU time.
+        from .executors import get_executor
+
+        get_executor(resolved).warmup()  # joins the farm's cluster now
+    else:
         # A synchronous backend may compile in this process (no warm worker yet): start
         # Inductor's Triton compile pool now, as torch.compile(backend="inductor") does.
-        # Not for the farm: its workers are up before any client, and the client compiles
-        # only if the farm fails; the pool's processes (one per core, each importing
-        # torch) were most of a GPU farm client's CPU time.
-        _warm_compile_pool()
-        if resolved.base_mode == "farm":
-            from .executors import get_executor
-
-            get_executor(resolved).warmup()  # joins the farm's cluster now
+        _compat.warm_inductor_compile_pool()
     return fxoffload_backend
 
 
@@ -191,14 +191,6 @@ def _farm_graphs(settings: Settings) -> contextlib.AbstractContextManager[None]:
 
     return serving(get_executor(settings),
                    lease_s=min(settings.timeout, settings.farm_graph_wait))
-
-
-def _warm_compile_pool() -> None:
-    from torch._inductor import async_compile
-
-    warm = getattr(async_compile, "maybe_warm_pool", None)
-    if warm is not None:
-        warm()
 
 
 @contextlib.contextmanager
@@ -336,7 +328,9 @@ def start_background(settings: Settings) -> None:
         return
     # A compile is about to come: the workers only get their CUDA context and compile
     # pool ready, not a warm-up compile that the first request would wait behind.
-    get_executor(settings).warmup(wait=False, full=False)
+    executor = get_executor(settings)
+    executor.warmup(wait=False, full=False)
+    pool_start.warm_for_here(settings, executor)
 
 
 def __getattr__(name: str) -> Any:

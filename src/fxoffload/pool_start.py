@@ -1,10 +1,11 @@
 """When a background backend's worker pool starts: with the backend, or, where
 AOTAutograd's cache could answer, at the first graph that misses it (a restart whose
-graphs all hit then starts no worker).
+graphs all hit then starts no worker). With the pool, Inductor's own compile pool in
+this process, where a graph will compile here (``warm_for_here``).
 
-    backend made ── waits_for_miss? ── no ──► pool.warmup(full=False) now
+    backend made ── waits_for_miss? ── no ──► pool.warmup(full=False) now, warm_for_here
                           │ yes
-    backend call ── on_miss(settings) ── AOTAutograd lookup ── miss ──► pool.warmup(...)
+    backend call ── on_miss(settings) ── AOTAutograd lookup ── miss ──► the same
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 from .settings import Settings
 
@@ -51,9 +53,24 @@ def _start_if_missed(hit: bool) -> None:
     from .executors import get_executor
 
     try:
-        get_executor(settings).warmup(wait=False, full=False)
+        executor = get_executor(settings)
+        executor.warmup(wait=False, full=False)
     except FxOffloadError as e:  # the submit that follows reports it
         log.debug("fxoffload: pool not started at the cache miss: %s", e)
+    else:
+        warm_for_here(settings, executor)
+
+
+def warm_for_here(settings: Settings, executor: Any) -> None:
+    """A background graph compiles in this process where the executor is in-process
+    (``serde``) or its pool has no warm worker yet (the cold route in background.py):
+    start Inductor's Triton compile pool for it now, as stock's ``torch.compile`` does
+    when called, so that its kernels build in parallel, not one by one on our thread
+    (the pool is made at the first kernel otherwise, and used only once ready)."""
+    from . import _compat
+
+    if settings.base_mode == "serde" or executor.starting():
+        _compat.warm_inductor_compile_pool()
 
 
 @contextlib.contextmanager
