@@ -108,7 +108,7 @@ def test_worker_killed_mid_link_leaves_no_cut_off_library(
 
     killer = threading.Thread(target=kill_when_half_written, daemon=True)
     killer.start()
-    # Inductor's config patches hold for this thread only: compile here, kill from there.
+    # The compile runs here, the kill from another thread.
     with torch._inductor.config.patch({"cpp.cxx": (None, str(wrapper))}):
         out = torch.compile(f, backend=fxoffload.backend(settings), fullgraph=True)(x)
     killer.join(1)

@@ -34,16 +34,6 @@ def check_supported() -> None:
         )
 
 
-def warm_inductor_compile_pool() -> None:
-    """Start Inductor's Triton compile pool, as ``torch.compile(backend="inductor")`` does
-    when called (``maybe_warm_pool``: a no-op without Triton or with one compile thread)."""
-    from torch._inductor import async_compile
-
-    warm = getattr(async_compile, "maybe_warm_pool", None)
-    if warm is not None:
-        warm()
-
-
 def clear_inductor_caches() -> None:
     """Forget in-memory Inductor caches (needed when the cache dir changes under a worker)."""
     from torch._inductor import utils

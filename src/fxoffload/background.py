@@ -45,12 +45,14 @@ import torch
 from torch._inductor.output_code import OutputCode
 
 from . import (
+    compile_pool,
     cpu_threads,
     eager,
     isolation,
     naming,
     offload,
     pending,
+    pool_start,
     progress,
     protocol,
     timeline,
@@ -164,22 +166,13 @@ class BackgroundOutput(OutputCode):
         paused: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if in_worker and stage.index == 0 and not pending.exiting():
             # (At exit, a compile started here would still run in C++ at finalization.)
-            pool = offload.get_executor(settings)
-            if pool.starting():
-                # No worker is warm yet: a cold worker's start-up, then its first compile,
-                # reach compiled code later than compiling here would (H100, bench GPT-2:
-                # 15.2 s against 10.1 s; stock 10.0 s). Compile on our in-process
-                # thread; the pool warms for the graphs to come. (Warm workers that are
-                # all busy are waited for: stock compiles its graphs one by one too.)
-                try:
-                    settings, paused = _here(settings, pool)
-                    stage.rerouted = True
-                except PoolClosed:
-                    pass  # shut down: the pool's submit says so
-                else:
-                    if (tl := timeline.get()) is not None:
-                        tl.instant("compiling here: no warm worker yet",
-                                   time.perf_counter(), **self._event_args(stage))
+            cold = pool_start.cold_route(settings)
+            if cold is not None:
+                settings, paused = cold
+                stage.rerouted = True
+                if (tl := timeline.get()) is not None:
+                    tl.instant("compiling here: no warm worker yet",
+                               time.perf_counter(), **self._event_args(stage))
         here = settings.base_mode == "serde"  # on our in-process thread
         if here:
             cpu_threads.here_started()
@@ -215,7 +208,8 @@ class BackgroundOutput(OutputCode):
             t0 = time.perf_counter()
             response = protocol.decode_response(raw, self._fake_mode)
             offload.check_response(response)
-            self._context.run(self._load, response)
+            farm = self._settings is not None and self._settings.base_mode == "farm"
+            self._context.run(self._load_farms if farm else self._load, response)
         except PoolClosed as e:  # shutdown or interpreter exit: nothing to report
             log.debug("fxoffload: background compile abandoned: %s", e)
             with self._lock:
@@ -293,6 +287,10 @@ class BackgroundOutput(OutputCode):
     def _about(self, stage: _Stage | None) -> Any:
         """Events made inside (fallback instants of note_failure) name this graph."""
         return timeline.about(**self._event_args(stage))
+
+    def _load_farms(self, response: protocol.CompileResponse) -> None:
+        with compile_pool.loading_only():  # kernels the farm compiled: no pool for them
+            self._load(response)
 
     def _load(self, response: protocol.CompileResponse) -> None:
         """Load the compiled module ahead of the swap. A failure here is left to the
@@ -394,19 +392,6 @@ def _request_key(request: bytes) -> str | None:
         return protocol.split_request(request, check_torch=False)[0].request_id
     except Exception:  # noqa: BLE001 - a name for the timeline, nothing more
         return None
-
-
-def _here(settings: Settings, pool: Any) -> tuple[Settings, Any]:
-    """The settings that compile a graph on our in-process thread instead of ``pool``,
-    and the pool's pause for that compile: only where the pool's start-up would take
-    the cores that compile needs (``cpu_threads.cores_are_scarce``); on a larger machine
-    the workers keep starting, for the graphs that come meanwhile."""
-    pool.warmup(wait=False)  # PoolClosed after shutdown()
-    STATS.count_in_process("no_warm_worker")
-    here = dataclasses.replace(settings, mode="async+serde")
-    if cpu_threads.cores_are_scarce(settings.workers + 1):
-        return here, pool.paused()
-    return here, contextlib.nullcontext()
 
 
 def compile_in_background(settings: Settings, fake_mode: Any, gm: torch.fx.GraphModule,

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import _compat, patches, pool_start
+from . import compile_pool, patches, pool_start
 from .settings import Settings
 
 log = logging.getLogger("fxoffload")
@@ -112,7 +112,8 @@ def _with_settings(settings: Settings, inner: Callable[..., Any]) -> Callable[..
         install()  # a backward compiled lazily, after a shutdown()
         token = _active.set(settings)
         try:
-            return inner(*args, **kwargs)
+            with _loading_only(settings):  # also a backward compiled at its first call
+                return inner(*args, **kwargs)
         finally:
             _active.reset(token)
 
@@ -134,7 +135,7 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
 
         install()
         with counting_cache_hits(), compile_scope(), _farm_graphs(settings), \
-                pool_start.on_miss(settings):
+                pool_start.on_miss(settings), _loading_only(settings):
             return compile_fx(g, e, inner_compile=_with_settings(settings, compile_fx_inner),
                               **options)
 
@@ -178,8 +179,15 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
     else:
         # A synchronous backend may compile in this process (no warm worker yet): start
         # Inductor's Triton compile pool now, as torch.compile(backend="inductor") does.
-        _compat.warm_inductor_compile_pool()
+        compile_pool.warm()
     return fxoffload_backend
+
+
+def _loading_only(settings: Settings) -> contextlib.AbstractContextManager[None]:
+    """A farm client loads kernels compiled by the farm: no Inductor compile pool."""
+    if settings.base_mode != "farm":
+        return contextlib.nullcontext()
+    return compile_pool.loading_only()
 
 
 def _farm_graphs(settings: Settings) -> contextlib.AbstractContextManager[None]:

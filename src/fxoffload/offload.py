@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import _compat, kernel_reuse, naming, protocol, timeline
+from . import _compat, compile_pool, kernel_reuse, naming, protocol, timeline
 from .eager import EagerOutput
 from .errors import FxOffloadError, NotOffloadable, RemoteCompileError
 from .executors import get_executor
@@ -120,7 +120,8 @@ def in_process(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
 
     scheme = _InProcessFxCompile()
     scheme.compile_region_name = compile_region_name
-    return scheme.codegen_and_compile(gm, example_inputs, inputs_to_check, graph_kwargs)
+    with compile_pool.compiling():  # a farm client's fallback: its full compile threads
+        return scheme.codegen_and_compile(gm, example_inputs, inputs_to_check, graph_kwargs)
 
 
 def note_failure(reason: str, error: BaseException, action: str) -> None:
