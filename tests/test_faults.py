@@ -106,7 +106,7 @@ def test_worker_dead_while_idle_is_replaced_before_the_next_job() -> None:
     pool = _pool()
     (victim,) = pool.worker_pids()
     os.kill(victim, signal.SIGKILL)
-    _wait_for(lambda: not _alive(victim), 5)
+    assert _wait_for(lambda: not _alive(victim), 60), "SIGKILL did not end the worker"
     torch.manual_seed(0)
     model, x = MLP(), torch.randn(3, 16)
     out = torch.compile(model, backend=fxoffload.backend(mode="subprocess", **POOL))(x)
