@@ -33,3 +33,14 @@ def test_loading_holds_threads_back_and_a_compile_inside_gets_them(threads: int)
 def test_compiling_outside_a_load_changes_nothing(threads: int) -> None:
     with compile_pool.compiling():
         assert get_compile_threads() == 6
+
+
+def test_nested_loading_keeps_the_outer_blocks_threads(threads: int) -> None:
+    """A farm client's inner compile runs inside its backend call, both loading only: a
+    fallback compile in there still gets Inductor's threads, not the outer block's 1."""
+    with compile_pool.loading_only(), compile_pool.loading_only():
+        assert get_compile_threads() == 1
+        with compile_pool.compiling():
+            assert get_compile_threads() == 6
+    assert get_compile_threads() == 6
+

@@ -37,7 +37,10 @@ def loading_only() -> Iterator[None]:
     from torch._inductor import config
     from torch._inductor.async_compile import get_compile_threads
 
-    token = _held_back.set(get_compile_threads())
+    # Nested (a farm client's inner compile inside its backend call): keep what the
+    # outer block held back, not the 1 it set.
+    threads = _held_back.get()
+    token = _held_back.set(get_compile_threads() if threads is None else threads)
     try:
         with config.patch(compile_threads=1):
             yield
