@@ -44,3 +44,12 @@ def test_nested_loading_keeps_the_outer_blocks_threads(threads: int) -> None:
             assert get_compile_threads() == 6
     assert get_compile_threads() == 6
 
+
+def test_only_a_farm_client_loads_without_the_pool(threads: int) -> None:
+    import fxoffload
+
+    with compile_pool.loading_only_for(fxoffload.Settings.resolve(mode="serde")):
+        assert get_compile_threads() == 6
+    farm = fxoffload.Settings.resolve(mode="farm", farm="127.0.0.1:1")
+    with compile_pool.loading_only_for(farm):
+        assert get_compile_threads() == 1

@@ -208,8 +208,7 @@ class BackgroundOutput(OutputCode):
             t0 = time.perf_counter()
             response = protocol.decode_response(raw, self._fake_mode)
             offload.check_response(response)
-            farm = self._settings is not None and self._settings.base_mode == "farm"
-            self._context.run(self._load_farms if farm else self._load, response)
+            self._context.run(self._load_here, response)
         except PoolClosed as e:  # shutdown or interpreter exit: nothing to report
             log.debug("fxoffload: background compile abandoned: %s", e)
             with self._lock:
@@ -288,8 +287,11 @@ class BackgroundOutput(OutputCode):
         """Events made inside (fallback instants of note_failure) name this graph."""
         return timeline.about(**self._event_args(stage))
 
-    def _load_farms(self, response: protocol.CompileResponse) -> None:
-        with compile_pool.loading_only():  # kernels the farm compiled: no pool for them
+    def _load_here(self, response: protocol.CompileResponse) -> None:
+        """``_load`` inside the graph's context (torch 2.13's config patches live there),
+        a farm client's with no compile pool for the farm's kernels."""
+        assert self._settings is not None
+        with compile_pool.loading_only_for(self._settings):
             self._load(response)
 
     def _load(self, response: protocol.CompileResponse) -> None:

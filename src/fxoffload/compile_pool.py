@@ -13,6 +13,8 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
+from .settings import Settings
+
 # The compile threads ``loading_only`` held back, for a compile inside it (``compiling``).
 _held_back: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "fxoffload_compile_threads_held_back", default=None)
@@ -46,6 +48,12 @@ def loading_only() -> Iterator[None]:
             yield
     finally:
         _held_back.reset(token)
+
+
+def loading_only_for(settings: Settings) -> contextlib.AbstractContextManager[None]:
+    """``loading_only`` for a farm client (it loads kernels the farm compiled); else
+    nothing."""
+    return loading_only() if settings.base_mode == "farm" else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -112,7 +112,8 @@ def _with_settings(settings: Settings, inner: Callable[..., Any]) -> Callable[..
         install()  # a backward compiled lazily, after a shutdown()
         token = _active.set(settings)
         try:
-            with _loading_only(settings):  # also a backward compiled at its first call
+            # a farm client: also a backward compiled at its first call
+            with compile_pool.loading_only_for(settings):
                 return inner(*args, **kwargs)
         finally:
             _active.reset(token)
@@ -135,7 +136,7 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
 
         install()
         with counting_cache_hits(), compile_scope(), _farm_graphs(settings), \
-                pool_start.on_miss(settings), _loading_only(settings):
+                pool_start.on_miss(settings), compile_pool.loading_only_for(settings):
             return compile_fx(g, e, inner_compile=_with_settings(settings, compile_fx_inner),
                               **options)
 
@@ -181,13 +182,6 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
         # Inductor's Triton compile pool now, as torch.compile(backend="inductor") does.
         compile_pool.warm()
     return fxoffload_backend
-
-
-def _loading_only(settings: Settings) -> contextlib.AbstractContextManager[None]:
-    """A farm client loads kernels compiled by the farm: no Inductor compile pool."""
-    if settings.base_mode != "farm":
-        return contextlib.nullcontext()
-    return compile_pool.loading_only()
 
 
 def _farm_graphs(settings: Settings) -> contextlib.AbstractContextManager[None]:
