@@ -23,7 +23,6 @@ import logging
 import os
 import random
 import signal
-import struct
 import threading
 import time
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 
 import fxoffload
 from fxoffload.executors import get_executor
+from fxoffload.executors.process import _cut_off
 
 WORKERS = 2
 
@@ -61,20 +61,6 @@ def _in_groups(groups: set[int]) -> list[int]:
             if stat[0] != "Z" and stat[1] in groups:
                 found.append(int(entry))
     return found
-
-
-def _truncated(path: str) -> bool:
-    """An ELF file whose section header table (the linker writes it last) lies past the
-    end of the file: a build that was cut off."""
-    with open(path, "rb") as f:
-        head = f.read(64)
-    size = os.path.getsize(path)
-    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:  # ELF64 only here
-        return True
-    order = "<" if head[5] == 1 else ">"
-    (shoff,) = struct.unpack_from(order + "Q", head, 0x28)
-    shentsize, shnum = struct.unpack_from(order + "HH", head, 0x3A)
-    return shoff + shentsize * shnum > size
 
 
 def _libraries() -> set[str]:
@@ -186,7 +172,7 @@ def test_soak_with_random_worker_kills(monkeypatch: pytest.MonkeyPatch) -> None:
     # Every compile built its own kernel, and none of the builds is cut off.
     new = _libraries() - libraries_before
     assert len(new) >= total, f"{len(new)} new kernel libraries for {total} compiles"
-    assert not [p for p in new if _truncated(p)], where
+    assert not [p for p in new if _cut_off(p)], where
     # No worker, and nothing a worker started, is left.
     assert len(seen) >= WORKERS + len(killed), where
     assert not [p for p in seen if _alive(p)], where
