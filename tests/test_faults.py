@@ -107,6 +107,10 @@ def test_worker_dead_while_idle_is_replaced_before_the_next_job() -> None:
     (victim,) = pool.worker_pids()
     os.kill(victim, signal.SIGKILL)
     assert _wait_for(lambda: not _alive(victim), 60), "SIGKILL did not end the worker"
+    # A killed process shows as a zombie once its main thread is gone, but waitpid (the
+    # pool's view) reports it only when all its threads have been torn down: until then
+    # the pool still counts it warm, and a compile sent to it fails as worker_crashed.
+    assert _wait_for(lambda: victim not in pool.worker_pids(), 60)
     torch.manual_seed(0)
     model, x = MLP(), torch.randn(3, 16)
     out = torch.compile(model, backend=fxoffload.backend(mode="subprocess", **POOL))(x)
