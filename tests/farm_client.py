@@ -1,10 +1,12 @@
 """One client process of the farm tests: a training step of the Block model (forward
 and backward graphs) compiled through the farm; outputs, gradients and fxoffload's
 stats saved to ``sys.argv[1]``. The farm's address and key come from FXOFFLOAD_FARM and
-FXOFFLOAD_FARM_KEY_FILE; ``sys.argv[2]`` is the mode (default ``farm``)."""
+FXOFFLOAD_FARM_KEY_FILE; ``sys.argv[2]`` is the mode (default ``farm``). With
+FARM_CLIENT_FORWARD_ONLY=1, the training graph's forward only: no backward runs."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -30,7 +32,10 @@ def main() -> None:
     x = torch.randn(2, 8, 32)
     start = time.perf_counter()
     compiled = torch.compile(model, backend=fxoffload.backend(mode=mode))
-    result = step(compiled, x)
+    if os.environ.get("FARM_CLIENT_FORWARD_ONLY") == "1":
+        result = [compiled(x).detach()]
+    else:
+        result = step(compiled, x)
     if mode.startswith("async"):
         fxoffload.wait(timeout=300)
         result = step(compiled, x)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from test_farm_single_flight import _assert_stock, _clients
+import torch
+from test_farm_single_flight import _assert_stock, _clients, _stock
 
 
 def test_a_later_client_loads_the_whole_graph_from_the_farm(farm: Any,
@@ -42,6 +43,26 @@ def test_a_later_client_loads_the_whole_graph_from_the_farm(farm: Any,
     built = {f"inductor/{p.relative_to(cache)}" for p in cache.rglob("*.so")}
     assert built and built <= set(later["installed"]), built
 
+
+def test_the_leader_gives_the_graphs_before_its_first_backward(farm: Any,
+                                                                tmp_path: Path) -> None:
+    """Other clients wait for the graphs a client leads: its backward compiles with the
+    forward, so the farm has them after the backend call, not only after the first
+    backward (lazily compiled, as stock does, the graphs would come that late, here
+    never: this client runs no backward)."""
+    farm.reset()
+    (first,) = _clients(farm, tmp_path / "first", 1, graphs=True,
+                        env={"FARM_CLIENT_FORWARD_ONLY": "1"})
+    torch.testing.assert_close(first["result"][0], _stock()[0])
+    stats = farm.stats()
+    assert stats["compiles"] == 2 and stats["graphs_puts"] == 1, stats
+    assert first["stats"]["farm"] == {"compiled": 2}, first["stats"]["farm"]
+
+    farm.reset(store=False)
+    (later,) = _clients(farm, tmp_path / "later", 1, graphs=True)
+    _assert_stock([later])
+    assert later["stats"]["farm"] == {"graphs_hit": 1}, later["stats"]["farm"]
+    assert farm.stats()["compiles"] == 0
 
 
 def test_clients_at_once_wait_for_the_one_that_compiles(farm: Any, tmp_path: Path) -> None:
