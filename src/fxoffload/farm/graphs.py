@@ -9,8 +9,9 @@ files a client's cache needs to hit: the entry, the FX graph cache entries it lo
 (forward, backward) and the kernels they run (C++ libraries, Triton's files).
 
     client that compiled:  AOTAutogradCache.save(key) (after the backward's compile,
-                           which may be lazy) ─► the entry's files, and every
-                           file written into the cache dirs since the lookup missed ─►
+                           in the backend call: integration._farm_graphs) ─► the
+                           entry's files, and every file written into the cache dirs
+                           since the lookup missed ─►
                            pack, sign ─► Registry.put_graphs (refused unless signed)
     client that comes later: AOTAutogradCache._lookup(key), no local entry ─►
                            Registry.get_graphs ─► signature checked ─► files written into
@@ -21,7 +22,9 @@ it a lease of ``farm_graph_wait`` seconds at most, a setting); clients that miss
 compiles wait for its graphs instead of tracing the graph themselves, and compile it
 themselves only when the leader gives up (its compile failed, AOTAutograd would not save
 it) or the lease ends (a leader that died costs the others at most the lease; one that
-never runs the backward it compiles lazily, ``PENDING_S`` after its forward compiled).
+never runs the backward it compiles lazily, ``PENDING_S`` after its forward compiled: only
+where this torch cannot compile the backward with the forward, as a leader does where
+others wait, ``integration._farm_graphs``).
 With ``farm_graph_wait=0`` nobody leads or waits: each client traces the graph and its
 compiles join at the farm (one compile per request's content key), and the graphs the
 first of them gives are stored for later clients. Waiting is the default: it spends the
