@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -120,6 +121,9 @@ def has_symbols(shape_env: Any) -> bool:
 _aot_watch: list[Any] = []  # callback(hit) once the cache was consulted
 _aot_before: list[Any] = []  # fn(key) before a local lookup (farm.graphs fetches here)
 _aot_saved: list[Any] = []  # fn(key, entry) after an entry was saved
+# The AOTConfig whose key was computed last on this thread, while its lookup runs
+# (``backward_at_once_for_this_graph``).
+_aot_config = threading.local()
 
 
 def _aot_seam() -> bool:
@@ -141,15 +145,20 @@ def _aot_seam() -> bool:
         return False
 
     def _lookup(key: str, local: bool, *args: Any, **kwargs: Any) -> Any:
-        if local:
-            for fn in _aot_before:
-                fn(key)
+        try:
+            if local:
+                for fn in _aot_before:
+                    fn(key)
+        finally:
+            _aot_config.value = None
         result = lookup.__func__(key, local, *args, **kwargs)
         for fn in _aot_watch:
             fn(result is not None)
         return result
 
     def autograd_cache_key(*args: Any, **kwargs: Any) -> Any:
+        _aot_config.value = next((a for a in (*args, *kwargs.values())
+                                  if hasattr(a, "force_non_lazy_backward_lowering")), None)
         try:
             return key_fn(*args, **kwargs)
         except BaseException:
@@ -228,6 +237,19 @@ def backward_compiled_at_once() -> Any:
     if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
         return contextlib.nullcontext()
     return functorch_config.patch(force_non_lazy_backward_lowering=True)
+
+
+def backward_at_once_for_this_graph() -> bool:
+    """Inside a ``before_lookup`` callback: AOTAutograd compiles this graph's backward
+    with its forward (``force_non_lazy_backward_lowering``), not at its first backward,
+    so its cache entry is saved in the backend call. False where this torch cannot."""
+    config = getattr(_aot_config, "value", None)
+    if config is None:
+        return False
+    # AOTConfig is a frozen dataclass, made before the lookup; the compile that follows
+    # a miss reads this field from it (or from a copy made after the lookup).
+    object.__setattr__(config, "force_non_lazy_backward_lowering", True)
+    return True
 
 
 def aot_cache_on() -> bool:

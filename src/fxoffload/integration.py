@@ -184,29 +184,15 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
     return fxoffload_backend
 
 
-@contextlib.contextmanager
-def _farm_graphs(settings: Settings) -> Iterator[None]:
-    """AOTAutograd's cache shared through the farm (``farm.graphs``), in mode farm.
-
-    Where other clients wait for the graphs a client leads (``farm_graph_wait`` > 0), a
-    training graph's backward compiles with its forward, not at the first backward call:
-    AOTAutograd saves the entry, and the farm gets the graphs, in the backend call, so the
-    waiting ranks load them while the leader still runs its forward and the graphs after
-    it (H100, K=4, GPT-2 training: they ended 2-2.6 s after the leader, which gave the
-    graphs only after its lazily compiled backward; 0.6 s at most since). A backward that
-    never runs costs its compile once, on the farm, for all ranks."""
+def _farm_graphs(settings: Settings) -> contextlib.AbstractContextManager[None]:
+    """AOTAutograd's cache shared through the farm (``farm.graphs``), in mode farm."""
     if settings.base_mode != "farm" or not settings.farm_graphs:
-        yield
-        return
-    from . import _compat
+        return contextlib.nullcontext()
     from .executors import get_executor
     from .farm.graphs import serving
 
-    lease_s = min(settings.timeout, settings.farm_graph_wait)
-    at_once = lease_s > 0 and _compat.aot_cache_on()  # else no graphs are given
-    with serving(get_executor(settings), lease_s=lease_s), \
-            (_compat.backward_compiled_at_once() if at_once else contextlib.nullcontext()):
-        yield
+    return serving(get_executor(settings),
+                   lease_s=min(settings.timeout, settings.farm_graph_wait))
 
 
 @contextlib.contextmanager
