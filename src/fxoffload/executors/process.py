@@ -276,7 +276,9 @@ def _open_files() -> set[str]:
 
 def _group_alive(pgid: int) -> bool:
     """Whether a process of the group is alive. Zombies count for ``killpg`` (an orphan
-    waits for whoever adopted it to reap it), so on Linux look for a live member."""
+    waits for whoever adopted it to reap it), so on Linux look for a live member. A
+    process whose main thread has exited shows as a zombie while its other threads still
+    run (or are being torn down): it counts as alive until they are gone."""
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
@@ -292,9 +294,16 @@ def _group_alive(pgid: int) -> bool:
                     state, _, group = f.read().rsplit(")", 1)[1].split()[:3]
             except (OSError, IndexError, ValueError):
                 continue
-            if group == str(pgid) and state not in ("Z", "X"):
+            if group == str(pgid) and (state not in ("Z", "X") or _threads_left(entry)):
                 return True
     return False
+
+
+def _threads_left(pid: str) -> bool:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 class CorruptResponse(WorkerError):
