@@ -252,22 +252,16 @@ def backward_at_once_for_this_graph() -> bool:
     return True
 
 
-def aot_cache_on() -> bool:
-    """Whether AOTAutograd's cache looks graphs up and saves them (what the farm's whole
-    graphs go through)."""
-    from torch._functorch import config as functorch_config
-    from torch._inductor import config
-
-    return bool(functorch_config.enable_autograd_cache) and not config.force_disable_caches
-
-
 def cache_can_hit() -> bool:
     """Whether AOTAutograd's cache could answer a compile now: it is on and has a local
     entry, or a remote cache. False means a deferred graph's first call need not wait for
     the lookup (an empty cache dir, the usual cold start)."""
     import os
 
-    if not aot_cache_on():
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config
+
+    if not functorch_config.enable_autograd_cache or config.force_disable_caches:
         return False
     try:
         from torch._functorch._aot_autograd import autograd_cache as module
