@@ -1,7 +1,9 @@
 """A parent that loads a CPU graph compiled by a worker takes the worker's vector-ISA
 probe result (same CPU flags) instead of building probe libraries of its own, about 9 s
 in a fresh cache dir on the CI machine; a result that does not match what this CPU's
-flags say is not taken, and the process probes as stock does."""
+flags say is not taken, and the process probes as stock does. Without ``warmup()``, a
+synchronous backend runs those probes in a thread from the moment it is made, beside
+Dynamo's trace, instead of at the first compile's first kernel."""
 
 from __future__ import annotations
 
@@ -42,6 +44,37 @@ _MISMATCH = textwrap.dedent("""
 """)
 
 
+_AHEAD = textwrap.dedent("""
+    import glob, os, torch, fxoffload
+    from fxoffload import _compat, prepare
+
+    def f(x):
+        return torch.nn.functional.gelu(x) * 2 + x.sum(-1, keepdim=True)
+
+    isas = _compat.vec_isa_to_probe()
+    assert isas, "an x86 CI machine reports vector ISAs"
+    fxoffload.backend(mode="inprocess")  # stock: nothing of ours
+    assert prepare._isa_probe is None
+    compiled = torch.compile(f, backend=fxoffload.backend(mode="serde"))
+    assert prepare._isa_probe is not None, "no probe started with the backend"
+    prepare._isa_probe.join(300)
+
+    def libs():
+        return sorted(glob.glob(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "**",
+                                             "*.so"), recursive=True))
+
+    built = libs()
+    assert built, "the probe built nothing"
+    usable = _compat.vec_isa_names()  # Inductor's probe, as the first compile runs it
+    assert libs() == built, "the probe left builds to the compile"
+    assert usable == tuple(str(isa) for isa in isas if isa), usable
+    x = torch.randn(16, 32)
+    torch.testing.assert_close(compiled(x), f(x))
+    assert fxoffload.stats().compiled_in_process == {}, fxoffload.stats()
+    print("ok", usable)
+""")
+
+
 def _run(code: str, tmp_path: Path) -> str:
     env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "PATH": "/usr/bin:/bin",
            "FXOFFLOAD_MODE": "subprocess", "FXOFFLOAD_WORKERS": "1"}
@@ -60,3 +93,7 @@ def test_the_parent_adopts_the_workers_probe_result(tmp_path: Path) -> None:
 
 def test_a_result_this_cpu_does_not_report_is_not_adopted(tmp_path: Path) -> None:
     assert _run(_MISMATCH, tmp_path).strip() == "ok"
+
+
+def test_a_backend_made_without_warmup_probes_while_dynamo_traces(tmp_path: Path) -> None:
+    assert _run(_AHEAD, tmp_path).startswith("ok ("), "no ISA probed"

@@ -345,6 +345,26 @@ def vec_isa_names() -> tuple[str, ...]:
     return tuple(str(isa) for isa in valid_vec_isa_list())
 
 
+def vec_isa_to_probe() -> list[Any]:
+    """The vector ISAs that ``valid_vec_isa_list()`` would build a probe for, when this
+    process has not probed them yet: on x86, those the CPU's flags report (elsewhere
+    Inductor takes them from the flags, or probes none). Imports on the caller's thread
+    what the probes import lazily, so that a thread of ours can run them."""
+    import platform
+
+    # codecache, cpp_builder and _filelock: imported by the probes (check_build)
+    from torch._inductor import codecache, config, cpp_builder, cpu_vec_isa  # noqa: F401
+    from torch.utils import _filelock  # noqa: F401
+
+    if (cpu_vec_isa.valid_vec_isa_list.cache_info().currsize or config.is_fbcode()
+            or config.cpp.vec_isa_ok is not None
+            or platform.machine() not in ("x86_64", "AMD64")):
+        return []
+    flags = cpu_vec_isa.x86_isa_checker()
+    return [isa for isa in cpu_vec_isa.supported_vec_isa_list
+            if all(flag in flags for flag in str(isa).split())]
+
+
 def probed_vec_isa() -> tuple[str, ...] | None:
     """``vec_isa_names()`` where this process has probed (or adopted) already; else None,
     without probing."""

@@ -181,6 +181,9 @@ def backend(settings: Settings | None = None, **kwargs: Any) -> Callable[..., An
         # A synchronous backend may compile in this process (no warm worker yet): start
         # Inductor's Triton compile pool now, as torch.compile(backend="inductor") does.
         compile_pool.warm()
+        from .prepare import probe_cpu_isa_ahead
+
+        probe_cpu_isa_ahead(resolved.base_mode)
     return fxoffload_backend
 
 

@@ -3,17 +3,24 @@
 registered for the device, the FX cache key's fixed parts (torch's source hash, system
 info) computed, and on the CPU the vector-ISA probes built, unless a worker's result will
 be adopted instead (``offload.load``).
+
+Without ``warmup()``, a synchronous backend made on a machine without a GPU starts those
+probes in a thread of ours (``probe_cpu_isa_ahead``): they are 8 s of the first call on
+the 2-core CI machine (three C++ builds in an empty cache dir) that stock runs at its
+first CPU kernel, after Dynamo, AOTAutograd and lowering; here they run beside those.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("fxoffload")
 
 _prepared: set[str] = set()
+_isa_probe: threading.Thread | None = None
 
 
 def prepare_parent(device: str | None = None, *, probe_cpu_isa: bool = True) -> None:
@@ -84,3 +91,49 @@ def _joint_graph_patterns(dev: Any) -> None:
     from torch._inductor.fx_passes.joint_graph import lazy_init
 
     lazy_init(dev)
+
+
+def probe_cpu_isa_ahead(mode: str) -> threading.Thread | None:
+    """Start Inductor's CPU vector-ISA probes now, in a thread, once per process, for a
+    synchronous backend of ``mode`` just made; return the thread, or None where nothing
+    was started.
+
+    Its first CPU graph compiles in this process (no worker is warm yet), and Inductor
+    probes the ISAs at that compile's first kernel (one C++ build and load per ISA the CPU
+    reports). Probed here, one build after another (one core), they overlap Dynamo's
+    trace, AOTAutograd and lowering on the caller's thread; a compile that gets there
+    first takes what is built (each build holds its file lock) and does the rest itself.
+    The result is Inductor's own: the same probes, cached where it caches them.
+
+    Not started: on a machine with a GPU (its graphs need no probe); after
+    ``fxoffload.warmup()`` (it probed, or a warm worker's result will be adopted); in mode
+    ``inprocess`` (stock, untouched); where ``cpp.vec_isa_ok`` is set or torch already
+    probed."""
+    global _isa_probe
+    if _isa_probe is not None or _prepared or mode == "inprocess":
+        return None
+    import torch
+
+    from ._compat import vec_isa_to_probe
+
+    if torch.cuda.is_available():
+        return None
+    try:
+        isas = vec_isa_to_probe()  # imports what the probes use, here (see prepare_parent)
+    except Exception as exc:  # noqa: BLE001 - the first compile probes, as stock
+        log.debug("fxoffload: no ISA probe ahead (%s: %s)", type(exc).__name__, exc)
+        return None
+    if not isas:
+        return None
+
+    def probe() -> None:
+        for isa in isas:
+            try:
+                bool(isa)  # Inductor's probe, cached on the ISA
+            except Exception as exc:  # noqa: BLE001 - the compile probes it again
+                log.debug("fxoffload: probing %s ahead failed (%s: %s)", isa,
+                          type(exc).__name__, exc)
+
+    _isa_probe = threading.Thread(target=probe, name="fxoffload-isa-probe", daemon=True)
+    _isa_probe.start()
+    return _isa_probe
