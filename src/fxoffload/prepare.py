@@ -12,6 +12,7 @@ first CPU kernel, after Dynamo, AOTAutograd and lowering; here they run beside t
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from collections.abc import Callable
@@ -126,14 +127,24 @@ def probe_cpu_isa_ahead(mode: str) -> threading.Thread | None:
     if not isas:
         return None
 
+    stop = threading.Event()
+
     def probe() -> None:
         for isa in isas:
+            if stop.is_set():
+                return  # exiting: the next compile (if any) probes what is left
             try:
                 bool(isa)  # Inductor's probe, cached on the ISA
             except Exception as exc:  # noqa: BLE001 - the compile probes it again
                 log.debug("fxoffload: probing %s ahead failed (%s: %s)", isa,
                           type(exc).__name__, exc)
 
+    def at_exit(thread: threading.Thread) -> None:
+        # No compiler left running after the process: the build under way ends first.
+        stop.set()
+        thread.join(60)
+
     _isa_probe = threading.Thread(target=probe, name="fxoffload-isa-probe", daemon=True)
     _isa_probe.start()
+    atexit.register(at_exit, _isa_probe)
     return _isa_probe
