@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 _LOAD = textwrap.dedent("""
     import sys, torch, fxoffload
     from torch._inductor.cpu_vec_isa import valid_vec_isa_list
@@ -68,10 +70,28 @@ _AHEAD = textwrap.dedent("""
     usable = _compat.vec_isa_names()  # Inductor's probe, as the first compile runs it
     assert libs() == built, "the probe left builds to the compile"
     assert usable == tuple(str(isa) for isa in isas if isa), usable
+    assert tuple(prepare._isa_probed) == usable, prepare._isa_probed
     x = torch.randn(16, 32)
     torch.testing.assert_close(compiled(x), f(x))
     assert fxoffload.stats().compiled_in_process == {}, fxoffload.stats()
     print("ok", usable)
+""")
+
+
+_STOPPED = textwrap.dedent("""
+    import fxoffload
+    from fxoffload import _compat, prepare
+
+    isas = _compat.vec_isa_to_probe()
+    if len(isas) < 2:
+        raise SystemExit(print("fewer than 2 ISAs to probe"))
+    fxoffload.backend()  # subprocess: probes ahead
+    assert prepare._isa_probe is not None
+    # what warmup() of an out-of-process mode does first: a worker's result is adopted
+    prepare.prepare_parent("cpu", probe_cpu_isa=False)
+    prepare._isa_probe.join(300)
+    assert len(prepare._isa_probed) <= 1, (prepare._isa_probed, isas)
+    print("ok")
 """)
 
 
@@ -97,3 +117,10 @@ def test_a_result_this_cpu_does_not_report_is_not_adopted(tmp_path: Path) -> Non
 
 def test_a_backend_made_without_warmup_probes_while_dynamo_traces(tmp_path: Path) -> None:
     assert _run(_AHEAD, tmp_path).startswith("ok ("), "no ISA probed"
+
+
+def test_warmup_after_the_backend_stops_the_probes(tmp_path: Path) -> None:
+    out = _run(_STOPPED, tmp_path).strip()
+    if out.startswith("fewer"):
+        pytest.skip(out)
+    assert out == "ok"

@@ -22,6 +22,8 @@ log = logging.getLogger("fxoffload")
 
 _prepared: set[str] = set()
 _isa_probe: threading.Thread | None = None
+_isa_stop: threading.Event | None = None
+_isa_probed: list[str] = []  # the ISAs that thread probed, in order
 
 
 def prepare_parent(device: str | None = None, *, probe_cpu_isa: bool = True) -> None:
@@ -48,6 +50,11 @@ def prepare_parent(device: str | None = None, *, probe_cpu_isa: bool = True) -> 
         raise ConfigError(f"fxoffload.warmup(device={device!r}): not a device ({exc})") from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
+    if not probe_cpu_isa and _isa_stop is not None:
+        # A backend made before warmup() started the probes; a warm worker's result
+        # will be adopted instead: the build under way is the last (its cores go to
+        # the workers' start).
+        _isa_stop.set()
     if str(dev) in _prepared:
         return
     _prepared.add(str(dev))
@@ -109,8 +116,9 @@ def probe_cpu_isa_ahead(mode: str) -> threading.Thread | None:
     Not started: on a machine with a GPU (its graphs need no probe); after
     ``fxoffload.warmup()`` (it probed, or a warm worker's result will be adopted); in mode
     ``inprocess`` (stock, untouched); where ``cpp.vec_isa_ok`` is set or torch already
-    probed."""
-    global _isa_probe
+    probed. Stopped after the build under way by a later ``warmup()`` of an
+    out-of-process mode (a warm worker's result will be adopted) and at exit."""
+    global _isa_probe, _isa_stop
     if _isa_probe is not None or _prepared or mode == "inprocess":
         return None
     import torch
@@ -127,14 +135,15 @@ def probe_cpu_isa_ahead(mode: str) -> threading.Thread | None:
     if not isas:
         return None
 
-    stop = threading.Event()
+    stop = _isa_stop = threading.Event()
 
     def probe() -> None:
         for isa in isas:
             if stop.is_set():
-                return  # exiting: the next compile (if any) probes what is left
+                return  # exit, or warmup(): the next compile (if any) probes the rest
             try:
                 bool(isa)  # Inductor's probe, cached on the ISA
+                _isa_probed.append(str(isa))
             except Exception as exc:  # noqa: BLE001 - the compile probes it again
                 log.debug("fxoffload: probing %s ahead failed (%s: %s)", isa,
                           type(exc).__name__, exc)
