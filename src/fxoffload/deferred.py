@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import logging
 import sys
 import threading
@@ -53,6 +54,7 @@ from . import (
     naming,
     offload,
     pending,
+    prepare,
     private_config,
     progress,
     timeline,
@@ -209,6 +211,11 @@ class Deferred:
                     locks.callback(isolation.turn.release)
                 if not _compat.watch_aot_cache_lookup(_looked_up):
                     self._decided.set()
+                if self._on_cpu:
+                    # The first output is out: Inductor's CPU vector-ISA probes (C++
+                    # builds its first kernel would wait for) run beside the trace.
+                    importlib.import_module("torch._inductor.compile_fx")  # probes' imports
+                    prepare.probe_cpu_isa_ahead(self._settings.base_mode)
                 with private_config.private_config(self._private_config), _state(self), \
                         isolation.our_thread(), _fast_switching(), cpu_threads.tracing():
                     compiled = compile(self._gm, example_inputs)

@@ -322,7 +322,8 @@ def surfaced(error: BaseException) -> BaseException:
 def start_background(settings: Settings) -> None:
     """Background modes start their workers early, so the first compile does not wait
     for them: at the first AOTAutograd cache miss (``pool_start``), else now, while
-    Dynamo traces; and draw their progress line if asked to."""
+    Dynamo traces (where cores are scarce: at the first graph's compile); and draw their
+    progress line if asked to."""
     from . import isolation, progress
     from .executors import get_executor
 
@@ -333,8 +334,14 @@ def start_background(settings: Settings) -> None:
         return
     # A compile is about to come: the workers only get their CUDA context and compile
     # pool ready, not a warm-up compile that the first request would wait behind.
+    from . import cpu_threads
+
     executor = get_executor(settings)
-    executor.warmup(wait=False, full=False)
+    # Where cores are scarce, a worker importing torch would take the core that the first
+    # call and the graph's trace need: the pool starts with the first graph's compile
+    # here (pool_start.cold_route) instead (2 cores, bench/README.md 2026-12-07).
+    if not cpu_threads.cores_are_scarce(settings.workers + 1):
+        executor.warmup(wait=False, full=False)
     pool_start.warm_for_here(settings, executor)
 
 

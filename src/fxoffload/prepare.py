@@ -4,10 +4,11 @@ registered for the device, the FX cache key's fixed parts (torch's source hash, 
 info) computed, and on the CPU the vector-ISA probes built, unless a worker's result will
 be adopted instead (``offload.load``).
 
-Without ``warmup()``, a synchronous backend made on a machine without a GPU starts those
-probes in a thread of ours (``probe_cpu_isa_ahead``): they are 8 s of the first call on
-the 2-core CI machine (three C++ builds in an empty cache dir) that stock runs at its
-first CPU kernel, after Dynamo, AOTAutograd and lowering; here they run beside those.
+Without ``warmup()``, on a machine without a GPU, a synchronous backend starts those probes
+in a thread of ours when it is made, and an async one when its first graph's trace starts
+(``probe_cpu_isa_ahead``): they are 8 s of the first call on the 2-core CI machine (three
+C++ builds in an empty cache dir) that stock runs at its first CPU kernel, after Dynamo,
+AOTAutograd and lowering; here they run beside those.
 """
 
 from __future__ import annotations
@@ -102,9 +103,9 @@ def _joint_graph_patterns(dev: Any) -> None:
 
 
 def probe_cpu_isa_ahead(mode: str) -> threading.Thread | None:
-    """Start Inductor's CPU vector-ISA probes now, in a thread, once per process, for a
-    synchronous backend of ``mode`` just made; return the thread, or None where nothing
-    was started.
+    """Start Inductor's CPU vector-ISA probes now, in a thread, once per process: for a
+    synchronous backend of ``mode`` just made, or a deferred graph's trace starting after
+    its first output (``deferred``); return the thread, or None where nothing was started.
 
     Its first CPU graph compiles in this process (no worker is warm yet), and Inductor
     probes the ISAs at that compile's first kernel (one C++ build and load per ISA the CPU
