@@ -83,10 +83,10 @@ def test_on_scarce_cores_an_async_pool_starts_after_the_first_compile() -> None:
     made: a worker importing torch would take the core that the first call and the
     graph's trace need (first output 0.77-0.78x `eager` against 0.98-1.10x, bench/README).
     The first graph compiles here; the pool starts with it, for later graphs."""
-    from fxoffload import cpu_threads
+    from fxoffload import cpu_threads, pool_start
 
     settings = _fresh(mode="async+subprocess", startup_timeout=301.0)  # a pool of its own
-    if not cpu_threads.cores_are_scarce(settings.workers + 1):
+    if not pool_start.scarce_cores(settings):
         pytest.skip(f"{cpu_threads.cores()} cores are not scarce for one worker")
     pool = get_executor(settings)
     torch.manual_seed(0)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib
 import logging
 import sys
 import threading
@@ -214,7 +213,6 @@ class Deferred:
                 if self._on_cpu:
                     # The first output is out: Inductor's CPU vector-ISA probes (C++
                     # builds its first kernel would wait for) run beside the trace.
-                    importlib.import_module("torch._inductor.compile_fx")  # probes' imports
                     prepare.probe_cpu_isa_ahead(self._settings.base_mode)
                 with private_config.private_config(self._private_config), _state(self), \
                         isolation.our_thread(), _fast_switching(), cpu_threads.tracing():

@@ -334,13 +334,8 @@ def start_background(settings: Settings) -> None:
         return
     # A compile is about to come: the workers only get their CUDA context and compile
     # pool ready, not a warm-up compile that the first request would wait behind.
-    from . import cpu_threads
-
     executor = get_executor(settings)
-    # Where cores are scarce, a worker importing torch would take the core that the first
-    # call and the graph's trace need: the pool starts with the first graph's compile
-    # here (pool_start.cold_route) instead (2 cores, bench/README.md 2026-12-07).
-    if not cpu_threads.cores_are_scarce(settings.workers + 1):
+    if not pool_start.scarce_cores(settings):  # else the pool starts in cold_route
         executor.warmup(wait=False, full=False)
     pool_start.warm_for_here(settings, executor)
 

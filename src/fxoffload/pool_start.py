@@ -1,11 +1,14 @@
 """When a background backend's worker pool starts: with the backend, or, where
 AOTAutograd's cache could answer, at the first graph that misses it (a restart whose
-graphs all hit then starts no worker). With the pool, Inductor's own compile pool in
-this process, where a graph will compile here (``warm_for_here``); and where a graph
-ready before any worker is warm compiles (``cold_route``: here).
+graphs all hit then starts no worker), or, where cores are scarce, with the first graph's
+compile here. With the pool, Inductor's own compile pool in this process, where a graph
+will compile here (``warm_for_here``); and where a graph ready before any worker is warm
+compiles (``cold_route``: here).
 
-    backend made ── waits_for_miss? ── no ──► pool.warmup(full=False) now, warm_for_here
-                          │ yes
+    backend made ── waits_for_miss? ── no ──► scarce_cores? ── no ──► pool.warmup(full=False)
+                          │ yes                    │ yes             now, warm_for_here
+                          │                        └──► warm_for_here; the pool starts in
+                          │                             cold_route, paused for that compile
     backend call ── on_miss(settings) ── AOTAutograd lookup ── miss ──► the same
 """
 
@@ -44,6 +47,18 @@ def waits_for_miss(settings: Settings) -> bool:
     from . import _compat
 
     return _compat.cache_can_hit() and _compat.watch_aot_cache_lookup(_start_if_missed)
+
+
+def scarce_cores(settings: Settings) -> bool:
+    """Whether a worker of ``settings``' pool starting would take the cores that a compile
+    here and the user's loop need (``cpu_threads.cores_are_scarce``; 2 cores: yes). Then
+    an async backend starts no worker when it is made (one importing torch took the core
+    that the first call and the graph's trace needed: first output 0.77-0.78x `eager`
+    against 0.98-1.10x, bench/README.md 2026-12-07), and the pool is paused while a graph
+    compiles here (``cold_route``)."""
+    from . import cpu_threads
+
+    return cpu_threads.cores_are_scarce(settings.workers + 1)
 
 
 def _start_if_missed(hit: bool) -> None:
@@ -95,12 +110,11 @@ def cold_route(settings: Settings
     10.0 s). Then: the settings that compile it on our in-process thread (counted as
     ``compiled_in_process["no_warm_worker"]``), and the pool's pause for that compile,
     only where the pool's start-up would take the cores it needs
-    (``cpu_threads.cores_are_scarce``); on a larger machine the workers keep starting
+    (``scarce_cores``); on a larger machine the workers keep starting
     for the graphs to come. None: the pool's (warm workers that are all busy are waited
     for, as stock compiles its graphs one by one; a closed pool's submit says so)."""
     import dataclasses
 
-    from . import cpu_threads
     from .errors import PoolClosed
     from .executors import get_executor
     from .tally import STATS
@@ -114,6 +128,6 @@ def cold_route(settings: Settings
         return None
     STATS.count_in_process("no_warm_worker")
     here = dataclasses.replace(settings, mode="async+serde")
-    if cpu_threads.cores_are_scarce(settings.workers + 1):
+    if scarce_cores(settings):
         return here, pool.paused()
     return here, contextlib.nullcontext()
