@@ -13,6 +13,7 @@ import functools
 import io
 import pickle
 import re
+import sys
 from typing import Any
 
 from ._compat import graph_pickler_options
@@ -92,7 +93,7 @@ def dumps(obj: Any, recorder: OpRecorder, *, lean: bool = True) -> bytes:
 # - NodeSource provenance (node.meta["from_node"]): graph_id is id() of a graph, and the
 #   target of a Python callable is its repr, "<function layer_norm at 0x7f...>";
 # - node.meta["fwd_nn_module_stack"] (backward graphs): keyed by str(id(module)); Inductor
-#   reads only its values (fx_passes/graph_view.py);
+#   reads only its values (fx_passes/graph_view.py), whose classes travel by name;
 # - ShapeEnv._expr_sym_node_id: id() of the SymNode evaluated last, for its logs;
 # - CapturedState.logger_levels: in the order this process happened to create loggers.
 # An id becomes its ordinal in the stream (ids equal in the stream stay equal); the logger
@@ -108,6 +109,7 @@ class _StreamIds:
     def __init__(self) -> None:
         self._ordinals: dict[tuple[str, object], int] = {}
         self._stacks: dict[int, dict[str, Any]] = {}  # id(original) -> rewritten
+        self._classes: dict[type, _ClassByName] = {}
 
     def _ordinal(self, kind: str, value: object) -> int:
         return self._ordinals.setdefault((kind, value), len(self._ordinals))
@@ -131,9 +133,47 @@ class _StreamIds:
         # One rewritten dict per original, so stacks that nodes share stay shared.
         stable = self._stacks.get(id(stack))
         if stable is None:
-            stable = {str(self._ordinal("module", k)): v for k, v in stack.items()}
+            stable = {str(self._ordinal("module", k)): self._by_name(v)
+                      for k, v in stack.items()}
             self._stacks[id(stack)] = stable
         return stable
+
+    def _by_name(self, entry: Any) -> Any:
+        if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], type):
+            ref = self._classes.get(entry[1])
+            if ref is None:
+                ref = self._classes[entry[1]] = _ClassByName(entry[1])
+            return entry[0], ref
+        return entry
+
+
+class _ClassByName:
+    """A module class in a stack, pickled by name and not imported on the way back
+    (``module_class``). By global reference, a fresh farm worker's first backward graph
+    imported the model's library to unpickle it: ``transformers``, 2-5 s of its compile."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return module_class, (self.cls.__module__, self.cls.__qualname__)
+
+
+def module_class(module: str, qualname: str) -> type:
+    """The class, if its module is imported here; else a stand-in type of that name.
+    Inductor reads the classes of a module stack only to name the nodes of a graph view
+    (fx_passes/graph_view.py), so a worker need not import a model's library for them."""
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found if isinstance(found, type) else _stand_in(module, qualname)
+
+
+@functools.cache
+def _stand_in(module: str, qualname: str) -> type:
+    return type(qualname.rsplit(".", 1)[-1], (), {
+        "__module__": module, "__qualname__": qualname,
+        "__doc__": "Stands in for a class whose module this process has not imported."})
 
 
 class _Deterministic:
