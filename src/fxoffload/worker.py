@@ -179,20 +179,22 @@ def _warm_training(phases: dict[str, float], device: str) -> None:
             logits = (h @ self.emb.weight.t()).float()
             return F.cross_entropy(logits.view(-1, 64), labels.view(-1))
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = Block().to(device=device, dtype=dtype)
-    ids = torch.randint(0, 64, (2, 16), device=device)
     logging.disable(logging.CRITICAL)
     t = time.perf_counter()
     try:
         from torch._inductor import config
 
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = Block().to(device=device, dtype=dtype)
+        ids = torch.randint(0, 64, (2, 16), device=device)
         with config.patch(fx_graph_cache=False):
             torch.compile(model, backend="inductor", fullgraph=True)(ids, ids).backward()
             if device == "cuda":
                 torch.cuda.synchronize()
-        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001 - a warm-up that fails costs speed, never the worker
+        phases["warm_training_failed"] = 1.0
     finally:
+        torch._dynamo.reset()
         logging.disable(logging.NOTSET)
     phases[f"warm_training_{device}_s"] = time.perf_counter() - t
 
