@@ -140,10 +140,11 @@ def _warm_up(phases: dict[str, float], *, compile: bool,
 
 def _warm_training(phases: dict[str, float], device: str) -> None:
     """A small training step compiled on ``device``: a forward and a backward graph with
-    what a transformer's bring (embedding, norms, attention, rotary, matmuls, a loss), so a
-    farm worker's first real training graph does not pay the first use of their lowerings,
-    passes and kernel kinds (on an H100, a fresh worker compiled Llama's two graphs in
-    11.0 s against 6.9 s for a worker that had compiled them before at another length)."""
+    what a transformer's graphs hold (embedding, norms, attention, rotary, matmuls, a
+    loss), so a farm worker's first real training graph does not pay the first use of
+    their lowerings and kernel kinds, nor each Inductor pool process its first kernel (on
+    an H100, Llama's two graphs: 8.4 s after it, 10.8 s without; bench/README.md). A
+    failure is recorded in ``phases`` (``warm_training_failed``), never raised."""
     import logging
 
     import torch
