@@ -5,6 +5,12 @@
 #   . bench/device_ray_setup.sh   -> PYTHONPATH has Ray, fxoffload's src and its entry point
 set -uo pipefail
 site=/tmp/raysite
+if [[ ! -d $site/ray && ! -f .devray/ray312.tar.xz ]]; then
+    # .devray is gitignored: the device call must carry it (carry=[".devray"]). Stop here
+    # rather than run the farm benchmarks without Ray (that cost 5 device minutes once).
+    echo "device_ray_setup: .devray/ray312.tar.xz is missing: run bench/pack_ray_for_device.sh here and pass carry=[\".devray\"] to the device call" >&2
+    exit 3
+fi
 if [[ ! -d $site/ray ]]; then
     mkdir -p $site && tar -xJf .devray/ray312.tar.xz -C $site
 fi
