@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,10 +85,18 @@ def _requests(directory: Path) -> list[bytes]:
 
 
 def _one_variant(variant: str, captured: Path, profile: str | None) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="fxo-wfc-"))
+    try:
+        return _time_variant(variant, captured, profile, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _time_variant(variant: str, captured: Path, profile: str | None,
+                  work: Path) -> dict[str, Any]:
     from fxoffload import signing
     from fxoffload.farm.actors import REQUEST, CompileWorker
 
-    work = Path(tempfile.mkdtemp(prefix="fxo-wfc-"))
     key_path = work / "key"
     signing.create_key(key_path)
     key = signing.load_key(key_path)
@@ -170,9 +179,12 @@ def main() -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     captured = args.out / "captured"
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="fxo-wfc-cap-")}
+    cache = tempfile.mkdtemp(prefix="fxo-wfc-cap-")
     t = time.perf_counter()
-    _capture_in_child(args, captured, env)
+    try:
+        _capture_in_child(args, captured, {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     print(f"captured in {time.perf_counter() - t:.1f} s", flush=True)
     results = []
     for variant in args.variants.split(","):
