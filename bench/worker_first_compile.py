@@ -32,14 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-TICK = os.sysconf("SC_CLK_TCK")
+from _farm_procs import _proc_cpu, cpu_delta
 
 
 def _capture(args: argparse.Namespace, directory: Path) -> None:
     import torch
-
-    sys.path.insert(0, str(HERE))
     from _child import build_model
 
     import fxoffload as fxo
@@ -70,13 +67,9 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _cpu_of(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # utime, stime, and its reaped children's (a pool process's g++ on the CPU)
-    return sum(int(f) for f in fields[11:15]) / TICK
+def _pool_cpu(pids: list[int]) -> dict[int, tuple[int, float]]:
+    """pid -> (start time, CPU-s with reaped children), as bench/farm.py reads the farm's."""
+    return {pid: cpu for pid in pids if (cpu := _proc_cpu(pid)) is not None}
 
 
 def _requests(directory: Path) -> list[bytes]:
@@ -123,8 +116,7 @@ def _time_variant(variant: str, captured: Path, profile: str | None,
 
         profiler = cProfile.Profile()
     for data in _requests(captured / "base"):
-        kids = _descendants(os.getpid())
-        pool_before = {pid: _cpu_of(pid) for pid in kids}
+        pool_before = _pool_cpu(_descendants(os.getpid()))
         me = resource.getrusage(resource.RUSAGE_SELF)
         modules = set(sys.modules)
         t = time.perf_counter()
@@ -135,7 +127,9 @@ def _time_variant(variant: str, captured: Path, profile: str | None,
             profiler.disable()
         wall = time.perf_counter() - t
         after = resource.getrusage(resource.RUSAGE_SELF)
-        deltas = [_cpu_of(pid) - pool_before.get(pid, 0.0) for pid in _descendants(os.getpid())]
+        pool_after = _pool_cpu(_descendants(os.getpid()))
+        deltas = [cpu_delta({pid: pool_before[pid]} if pid in pool_before else {},
+                            {pid: cpu})[0] for pid, cpu in pool_after.items()]
         rows.append({"ok": ok, "wall_s": round(wall, 2),
                      "self_cpu_s": round(after.ru_utime + after.ru_stime
                                          - me.ru_utime - me.ru_stime, 2),
