@@ -8,10 +8,18 @@ import shutil
 import tempfile
 
 # A cache dir of our own, removed when the session ends (one the caller set is kept).
+# Each pytest-xdist process gets one of its own too: the processes inherit the
+# controller's, and tests that look at the builds in the cache (test_soak's cut-off
+# check, test_cut_builds, test_vec_isa) would otherwise see the other process's builds,
+# some half written at that moment (the soak failed so in CI, twice).
 _OWN_CACHE_DIR = None
-if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+_inherited = os.environ.get("FXOFFLOAD_TESTS_CACHE_DIR")
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ or (
+        _inherited and os.environ["TORCHINDUCTOR_CACHE_DIR"] == _inherited
+        and os.environ.get("PYTEST_XDIST_WORKER")):
     _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="fxoffload-tests-")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _OWN_CACHE_DIR
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ["FXOFFLOAD_TESTS_CACHE_DIR"] = \
+        _OWN_CACHE_DIR
 
 import pytest  # noqa: E402 - torch reads the cache dir above when imported
 import torch  # noqa: E402
