@@ -69,13 +69,32 @@ def _shutdown_pools():
     fxoffload.shutdown()
 
 
+# tryfirst: pytest-xdist reads the groups in its own hook of this name (into the node ids);
+# run after it, as a conftest hook otherwise does, the groups were never applied.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Groups for ``pytest -n N --dist loadgroup`` (scripts/test.sh): a file's tests run in
     one process, as its module fixtures and warm pool expect; every test of the farm runs
-    in one process too, so one Ray cluster is started, not one per process."""
+    in one process too, so one Ray cluster is started, not one per process (the contract
+    suite's farm cases among them: they ask for the farm fixture at run time)."""
     for item in items:
-        farm = "farm" in getattr(item, "fixturenames", ()) or item.path.name.startswith("test_farm")
+        callspec = getattr(item, "callspec", None)
+        mode = callspec.params.get("mode") if callspec is not None else None
+        farm = ("farm" in getattr(item, "fixturenames", ())
+                or item.path.name.startswith("test_farm")
+                or (isinstance(mode, str) and mode.endswith("farm")))
         item.add_marker(pytest.mark.xdist_group("farm" if farm else item.path.name))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Fail at once where pytest-xdist would ignore the groups above (it names a test's
+    group in its node id): the run would still pass, with one farm per process."""
+    if session.config.getoption("loadgroup", default=False):
+        ungrouped = [item.nodeid for item in session.items if "@" not in item.nodeid]
+        if ungrouped:
+            raise pytest.UsageError(
+                f"pytest-xdist did not apply the test groups (e.g. {ungrouped[0]}): "
+                "this pytest and pytest-xdist do not work together (pyproject's pins)")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
