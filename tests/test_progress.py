@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import settings_for
 
 import fxoffload
 from fxoffload import naming, progress
@@ -235,8 +236,10 @@ def _f(x: torch.Tensor) -> torch.Tensor:
 
 def test_an_async_compile_shows_its_graph_going_through(capsys: Any, monkeypatch: Any) -> None:
     monkeypatch.setattr(progress, "DISPLAY", progress.Display())  # enabled by the backend
-    compiled = torch.compile(_f, backend=fxoffload.backend(mode="async+subprocess",
-                                                          workers=1, progress=True))
+    # A warm worker first: with none free, the compile would run in this process (and the
+    # board would name no worker).
+    backend = fxoffload.backend(**settings_for("async+subprocess", workers=1, progress=True))
+    compiled = torch.compile(_f, backend=backend)
     compiled(torch.randn(8))
     assert fxoffload.wait(300)
     compiled(torch.randn(8))
