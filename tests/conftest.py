@@ -72,11 +72,14 @@ def _shutdown_pools():
 # tryfirst: pytest-xdist reads the groups in its own hook of this name (into the node ids);
 # run after it, as a conftest hook otherwise does, the groups were never applied.
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Groups for ``pytest -n N --dist loadgroup`` (scripts/test.sh): a file's tests run in
     one process, as its module fixtures and warm pool expect; every test of the farm runs
     in one process too, so one Ray cluster is started, not one per process (the contract
-    suite's farm cases among them: they ask for the farm fixture at run time)."""
+    suite's farm cases among them: they ask for the farm fixture at run time). Under
+    pytest-xdist the farm's group goes first: it is the longest (7-8 min on 2 cores), and a
+    process that took it last would end minutes after the other."""
+    in_farm: set[str] = set()
     for item in items:
         callspec = getattr(item, "callspec", None)
         mode = callspec.params.get("mode") if callspec is not None else None
@@ -84,6 +87,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 or item.path.name.startswith("test_farm")
                 or (isinstance(mode, str) and mode.endswith("farm")))
         item.add_marker(pytest.mark.xdist_group("farm" if farm else item.path.name))
+        if farm:
+            in_farm.add(item.nodeid)
+    if config.getoption("loadgroup", default=False):
+        items.sort(key=lambda item: item.nodeid not in in_farm)  # stable: farm first
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
