@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 # A cache dir of our own, removed when the session ends (one the caller set is kept).
@@ -96,13 +97,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Fail at once where pytest-xdist would ignore the groups above (it names a test's
-    group in its node id): the run would still pass, with one farm per process."""
+    group in its node id): the run would still pass, with one farm per process. The
+    reason goes to stderr too: the controller reports a worker's collection error only as
+    its own failed assertion."""
     if session.config.getoption("loadgroup", default=False):
         ungrouped = [item.nodeid for item in session.items if "@" not in item.nodeid]
         if ungrouped:
-            raise pytest.UsageError(
-                f"pytest-xdist did not apply the test groups (e.g. {ungrouped[0]}): "
-                "this pytest and pytest-xdist do not work together (pyproject's pins)")
+            why = (f"pytest-xdist did not apply the test groups (e.g. {ungrouped[0]}): "
+                   "this pytest and pytest-xdist do not work together (pyproject's pins)")
+            print(f"conftest: {why}", file=sys.stderr, flush=True)
+            raise pytest.UsageError(why)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
