@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import assert_same_code
 
-from fxoffload import patches, protocol, virtual_gpu
+from fxoffload import device_index, patches, protocol, virtual_gpu
 from fxoffload.content_key import content_key
 
 H100 = {"name": "NVIDIA H100 80GB HBM3", "major": 9, "minor": 0,
@@ -133,25 +133,36 @@ def test_farm_workers_without_a_gpu_compile_for_the_client(tmp_path: Path) -> No
                               env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     try:
         reports: dict[str, Any] = {}
-        for mode in ("stock", "farm"):
+        # "rebind": the client asks for cuda:1 (device_index's canonical index, moved for
+        # this test) and rebinds the farm's code to its cuda:0, as a rank on cuda:1 of a
+        # machine with two GPUs takes the code the farm compiled for cuda:0
+        for mode in ("stock", "farm", "rebind"):
             cache = tmp_path / f"cache-{mode}"
             env = {**farm.env(), "TORCHINDUCTOR_CACHE_DIR": str(cache),
                    "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+            if mode == "rebind":
+                env[device_index.CANONICAL_ENV] = "1"
             done = subprocess.run([sys.executable, "-c", CLIENT, str(tmp_path / mode), mode,
                                    str(cache)], env=env, capture_output=True, text=True,
                                   timeout=600, check=False)
             assert done.returncode == 0, done.stdout + done.stderr[-4000:]
             reports[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
-        ours, stock = (torch.load(tmp_path / f"{m}.pt") for m in ("farm", "stock"))
-        for a, b in zip(ours, stock, strict=True):
-            torch.testing.assert_close(a, b)
-        # up to the "# kernel path:" comments, which name the compiling process's cache dir
-        assert_same_code(*([_KERNEL_PATH.sub(r"\1", c) for c in reports[m]["code"]]
-                           for m in ("farm", "stock")))
-        stats = reports["farm"]["stats"]
-        assert stats["fallbacks"] == {}
-        assert stats["gpu_less_compiles"] == 2 == stats["farm"].get("compiled")
-        assert stats["farm_files_installed"] > 0
-        assert reports["farm"]["compiled_here"] == []  # every kernel file came from the farm
+        stock = torch.load(tmp_path / "stock.pt")
+        for mode in ("farm", "rebind"):
+            for a, b in zip(torch.load(tmp_path / f"{mode}.pt"), stock, strict=True):
+                torch.testing.assert_close(a, b)
+            # up to the "# kernel path:" comments, which name the compiling process's
+            # cache dir
+            assert_same_code(*([_KERNEL_PATH.sub(r"\1", c) for c in reports[m]["code"]]
+                               for m in (mode, "stock")))
+            stats = reports[mode]["stats"]
+            assert stats["fallbacks"] == {}
+            assert stats["gpu_less_compiles"] == 2
+            assert stats["device_rebinds"] == (2 if mode == "rebind" else 0)
+            assert stats["farm_files_installed"] > 0
+            assert reports[mode]["compiled_here"] == []  # every kernel came from the farm
+        # cuda:1's graphs are other graphs to the farm (another key): compiled, not hit
+        assert reports["farm"]["stats"]["farm"].get("compiled") == 2
+        assert reports["rebind"]["stats"]["farm"].get("compiled") == 2
     finally:
         farm_support.stop(farm)

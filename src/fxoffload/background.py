@@ -206,7 +206,7 @@ class BackgroundOutput(OutputCode):
         try:
             raw = future.result()
             t0 = time.perf_counter()
-            response = protocol.decode_response(raw, self._fake_mode)
+            response = protocol.decode_response(raw, self._fake_mode, request=stage.request)
             offload.check_response(response)
             self._context.run(self._load_here, response)
         except PoolClosed as e:  # shutdown or interpreter exit: nothing to report
@@ -379,7 +379,8 @@ class BackgroundOutput(OutputCode):
         try:
             with isolation.turn:
                 raw = offload.submit(here, stage.request).result()
-            stage.response = protocol.decode_response(raw, self._fake_mode)
+            stage.response = protocol.decode_response(raw, self._fake_mode,
+                                                      request=stage.request)
         except FxOffloadError as e:
             offload.note_failure(getattr(e, "reason", "fallback_failed"), e,
                                  "the in-process compile failed too; running eagerly")

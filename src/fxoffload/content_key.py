@@ -64,7 +64,8 @@ from .protocol import split_request
 KEY_VERSION = 1  # bump when what the key covers changes: old stored entries stop matching
 
 # Preamble fields that vary between processes asking for the same compile.
-EXCLUDED = frozenset({"request_id", "created", "sys_path", "cache_dir", "triton_cache_dir"})
+EXCLUDED = frozenset({"request_id", "created", "sys_path", "cache_dir", "triton_cache_dir",
+                      "cuda_rebind"})
 EXCLUDED_SUMMARY = frozenset({"compile_id"})
 
 

@@ -22,6 +22,7 @@ The unpickling side is GraphPickler's (``GraphPickler.loads``).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ from torch.fx._graph_pickler import (
 )
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.node import map_aggregate, map_arg
+
+from .device_index import Rebind
 
 
 class _Ref(int):
@@ -80,7 +83,8 @@ class _LeanGraph:
 
 
 class _LeanGraphModule(_GraphModulePickleData):
-    def __init__(self, gm: torch.fx.GraphModule, options: Any) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, options: Any,
+                 rebind: Rebind | None = None) -> None:
         # The code must match the graph (it travels in gm's __dict__). GraphPickler always
         # regenerates and recompiles it, 30% of a request's encode on BERT; a lazy module
         # knows whether its code is current, and the post-AOTAutograd graph's always is.
@@ -91,6 +95,11 @@ class _LeanGraphModule(_GraphModulePickleData):
             gm.recompile()
         self.gm_dict = gm.__getstate__() if hasattr(gm, "__getstate__") else gm.__dict__.copy()
         del self.gm_dict["_graph"]
+        if rebind is not None and isinstance(self.gm_dict.get("_code"), str):
+            # the code as the canonical device's graph prints it (device_index)
+            self.gm_dict["_code"] = re.sub(
+                rf"(?<=device\(type='cuda', index=){rebind.real}(?=\))",
+                str(rebind.canonical), self.gm_dict["_code"])
         self.graph = _LeanGraph(gm._graph, options)  # type: ignore[assignment]
 
 
@@ -153,8 +162,9 @@ class LeanPickler(GraphPickler):
             if args is not None:
                 return _unpickle_tensor, (self._unpickle_state, *args)
         elif isinstance(obj, torch.fx.GraphModule):  # each one has its own subclass
-            return _LeanGraphModule.unpickle, (_LeanGraphModule(obj, self.options),  # type: ignore[arg-type]
-                                               self._unpickle_state)
+            lean = _LeanGraphModule(obj, self.options,  # type: ignore[arg-type]
+                                    getattr(self, "_rebind", None))
+            return _LeanGraphModule.unpickle, (lean, self._unpickle_state)
         return super().reducer_override(obj)
 
     def _lean_tensor(self, t: FakeTensor) -> tuple[Any, ...] | None:

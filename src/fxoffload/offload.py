@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import _compat, compile_pool, kernel_reuse, naming, protocol, timeline
+from . import _compat, compile_pool, device_index, kernel_reuse, naming, protocol, timeline
 from .eager import EagerOutput
 from .errors import FxOffloadError, NotOffloadable, RemoteCompileError
 from .executors import get_executor
@@ -154,7 +154,9 @@ def build_request(settings: Settings, gm: torch.fx.GraphModule,
         compile_region_name=compile_region_name,
         state=capture_state(fake_mode, gpu=uses_gpu(example_inputs)),
     )
-    return protocol.encode_request(request, extra_imports=settings.worker_imports)
+    rebind = device_index.plan(settings.executor, gm, example_inputs, graph_kwargs)
+    return protocol.encode_request(request, extra_imports=settings.worker_imports,
+                                   rebind=rebind)
 
 
 def check_response(response: protocol.CompileResponse) -> None:
@@ -193,6 +195,8 @@ def load(response: protocol.CompileResponse, gm: torch.fx.GraphModule) -> Any:
             STATS.add(vec_isa_adopted=1)
         if response.gpu_less:
             STATS.add(gpu_less_compiles=1)
+        if response.rebound is not None:
+            STATS.add(device_rebinds=1)
         if isinstance(graph, CompiledFxGraph):
             loaded = object.__new__(type(graph))
             loaded.__dict__.update(graph.__dict__)
@@ -240,7 +244,7 @@ def compile(settings: Settings, gm: torch.fx.GraphModule, example_inputs: Sequen
         future = submit(settings, data)
         raw = future.result()
         t2 = time.perf_counter()
-        response = protocol.decode_response(raw, fake_mode)
+        response = protocol.decode_response(raw, fake_mode, request=data)
         t3 = time.perf_counter()
         graph = install(response, gm, graph_kwargs, compile_region_name)
     except FxOffloadError as e:

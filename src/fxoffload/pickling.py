@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from ._compat import graph_pickler_options
+from .device_index import Rebind
 from .errors import NotOffloadable
 
 # Namespaces that exist in every process that imported torch.
@@ -66,15 +67,17 @@ def _defining_module(qualname: str) -> str | None:
     return getattr(fn, "__module__", None)
 
 
-def dumps(obj: Any, recorder: OpRecorder, *, lean: bool = True) -> bytes:
+def dumps(obj: Any, recorder: OpRecorder, *, lean: bool = True,
+          rebind: Rebind | None = None) -> bytes:
     """GraphPickler.dumps with our filter (by default through ``lean_pickler``, which
-    GraphPickler.loads reads); pickling failures become NotOffloadable."""
+    GraphPickler.loads reads); pickling failures become NotOffloadable. With ``rebind``,
+    the rank's CUDA device is written as the canonical one (``device_index``)."""
     from torch._inductor.codecache import BypassFxGraphCache
     from torch.fx._graph_pickler import GraphPickler
 
     from .lean_pickler import LeanPickler
 
-    pickler = _deterministic(LeanPickler if lean else GraphPickler)
+    pickler = _deterministic(LeanPickler if lean else GraphPickler, rebind)
     try:
         return pickler.dumps(obj, graph_pickler_options(recorder))
     except NotOffloadable:
@@ -106,7 +109,8 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 class _StreamIds:
     """The rewrites of one stream (``dispatch_table`` reducers and module stacks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rebind: Rebind | None = None) -> None:
+        self._rebind = rebind
         self._ordinals: dict[tuple[str, object], int] = {}
         self._stacks: dict[int, dict[str, Any]] = {}  # id(original) -> rewritten
         self._classes: dict[type, _ClassByName] = {}
@@ -128,6 +132,22 @@ class _StreamIds:
     def shape_env(self, obj: Any) -> Any:  # GraphPickler's _ShapeEnvPickleData
         return copyreg.__newobj__, (type(obj),), {
             **obj.__dict__, "data": {**obj.data, "_expr_sym_node_id": None}}
+
+    def device(self, obj: Any) -> Any:
+        assert self._rebind is not None
+        # torch.device's own reduction, index swapped: the same bytes as a request of a
+        # rank on the canonical device (a shared "cuda" string would be memoized)
+        func, args = obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)[:2]
+        if obj.type == "cuda" and len(args) == 2:
+            args = (args[0], self._rebind.to_canonical(args[1]))
+        return func, args
+
+    def device_box(self, obj: Any) -> Any:  # graph_kwargs' boxed_forward_device_index
+        assert self._rebind is not None
+        state = dict(obj.__dict__)
+        if isinstance(state.get("value"), int):
+            state["value"] = self._rebind.to_canonical(state["value"])
+        return copyreg.__newobj__, (type(obj),), state
 
     def stable_stack(self, stack: dict[str, Any]) -> dict[str, Any]:
         # One rewritten dict per original, so stacks that nodes share stay shared.
@@ -181,10 +201,11 @@ class _Deterministic:
     """Mixed in before GraphPickler or LeanPickler (``_deterministic``)."""
 
     _reducers: dict[type, str]  # type -> name of the _StreamIds method that reduces it
+    _rebind: Rebind | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._ids = _StreamIds()
+        self._ids = _StreamIds(self._rebind)
         self.dispatch_table = {**copyreg.dispatch_table,
                                **{t: getattr(self._ids, m) for t, m in self._reducers.items()}}
 
@@ -211,7 +232,9 @@ class _Deterministic:
 
 
 @functools.cache
-def _deterministic(base: type) -> type:
+def _deterministic(base: type, rebind: Rebind | None = None) -> type:
+    import torch
+    from torch._inductor.cudagraph_utils import BoxedDeviceIndex
     from torch.fx import _graph_pickler
     from torch.fx.traceback import NodeSource
 
@@ -222,8 +245,10 @@ def _deterministic(base: type) -> type:
     shape_env_data = getattr(_graph_pickler, "_ShapeEnvPickleData", None)
     if shape_env_data is not None:
         reducers[shape_env_data] = "shape_env"
+    if rebind is not None:
+        reducers.update({torch.device: "device", BoxedDeviceIndex: "device_box"})
     return type(f"Deterministic{base.__name__}", (_Deterministic, base),
-                {"_reducers": reducers})
+                {"_reducers": reducers, "_rebind": rebind})
 
 
 def share_stack_traces(gm: Any) -> None:

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from . import pickling, virtual_gpu, wire
+from . import device_index, pickling, virtual_gpu, wire
 from ._compat import process_group_sizes
+from .device_index import Rebind
 from .errors import NotOffloadable, ProtocolError
 from .state import CapturedState
 
@@ -50,6 +51,9 @@ class Preamble:
     # The client's CUDA devices the graph uses ({"0": properties}, ``virtual_gpu.describe``):
     # a worker without a GPU compiles for them; one with another GPU model refuses.
     gpus: dict[str, dict[str, Any]] | None = None
+    # [canonical, real]: the body names the client's cuda:<real> as cuda:<canonical>, and
+    # the client rebinds the response (``device_index``); not in the content key.
+    cuda_rebind: list[int] | None = None
 
 
 @dataclasses.dataclass
@@ -88,6 +92,8 @@ class CompileResponse:
     # The graph loaded in the parent (``offload.load``), a copy: ``graph`` itself stays
     # ready to pickle for the FX graph cache entry. Never sent.
     loaded: Any = None
+    # The rebind applied to it in the parent (``decode_response``). Never sent.
+    rebound: Rebind | None = None
 
 
 def this_host() -> str:
@@ -144,8 +150,9 @@ def _compile_id() -> str | None:
 
 
 def summarize(gm: torch.fx.GraphModule, example_inputs: list[Any],
-              graph_kwargs: dict[str, Any]) -> dict[str, Any]:
-    devices = sorted({str(t.device) for t in example_inputs if isinstance(t, torch.Tensor)})
+              graph_kwargs: dict[str, Any], rebind: Rebind | None = None) -> dict[str, Any]:
+    devices = sorted({str(_canonical(t.device, rebind)) for t in example_inputs
+                      if isinstance(t, torch.Tensor)})
     return {
         "nodes": len(gm.graph.nodes),
         "inputs": len(example_inputs),
@@ -156,6 +163,12 @@ def summarize(gm: torch.fx.GraphModule, example_inputs: list[Any],
     }
 
 
+def _canonical(device: torch.device, rebind: Rebind | None) -> torch.device:
+    if rebind is None or device.type != "cuda":
+        return device
+    return torch.device("cuda", rebind.to_canonical(device.index))
+
+
 def graph_kind(summary: dict[str, Any]) -> str:
     """``forward``, ``backward`` or ``inference``: which graph of its frame a request is."""
     if summary.get("is_backward"):
@@ -163,12 +176,19 @@ def graph_kind(summary: dict[str, Any]) -> str:
     return "inference" if summary.get("is_inference") else "forward"
 
 
-def encode_request(request: CompileRequest, *, extra_imports: tuple[str, ...] = ()) -> bytes:
+def encode_request(request: CompileRequest, *, extra_imports: tuple[str, ...] = (),
+                   rebind: Rebind | None = None) -> bytes:
+    """The request's bytes; with ``rebind``, written for the canonical CUDA device."""
     recorder = pickling.OpRecorder()
     pickling.share_stack_traces(request.gm)
-    body = pickling.dumps(request, recorder)
+    body = pickling.dumps(request, recorder, rebind=rebind)
     inductor_dir, triton_dir = _cache_dirs()
-    summary = summarize(request.gm, list(request.example_inputs), request.graph_kwargs)
+    summary = summarize(request.gm, list(request.example_inputs), request.graph_kwargs,
+                        rebind)
+    gpus = virtual_gpu.describe(
+        [str(torch.device("cuda", rebind.real))] if rebind else summary["devices"])
+    if rebind is not None and gpus is not None:
+        gpus = {str(rebind.canonical): gpus[str(rebind.real)]}
     preamble = Preamble(
         request_id=uuid.uuid4().hex[:12],
         created=time.time(),
@@ -181,7 +201,8 @@ def encode_request(request: CompileRequest, *, extra_imports: tuple[str, ...] = 
         summary=summary,
         process_groups=process_group_sizes(request.gm),
         host_cpu=cpu_fingerprint() if _runs_on_cpu(request.example_inputs) else None,
-        gpus=virtual_gpu.describe(summary["devices"]),
+        gpus=gpus,
+        cuda_rebind=[rebind.canonical, rebind.real] if rebind else None,
     )
     return join_request(preamble, body)
 
@@ -231,7 +252,19 @@ def encode_response(response: CompileResponse) -> bytes:
     return wire.encode(wire.Kind.RESPONSE, body)
 
 
-def decode_response(data: bytes, fake_mode: Any) -> CompileResponse:
+def rebind_of(request: bytes) -> Rebind | None:
+    """The device rebind ``request`` was written with (``device_index``), if any."""
+    preamble, _ = split_request(request, check_torch=False)
+    if preamble.cuda_rebind is None:
+        return None
+    canonical, real = preamble.cuda_rebind
+    return Rebind(canonical=canonical, real=real)
+
+
+def decode_response(data: bytes, fake_mode: Any, *,
+                    request: bytes | None = None) -> CompileResponse:
+    """The response; given the ``request`` it answers, rebound to the client's device
+    when the request was written for the canonical one (``device_index``)."""
     envelope = wire.decode(data, expect=wire.Kind.RESPONSE)
     try:
         response = pickling.loads(envelope.payload, fake_mode)
@@ -240,4 +273,8 @@ def decode_response(data: bytes, fake_mode: Any) -> CompileResponse:
                             reason="response_unpickle_failed") from e
     if not isinstance(response, CompileResponse):
         raise ProtocolError(f"response body holds a {type(response).__name__}")
+    rebind = rebind_of(request) if request is not None else None
+    if rebind is not None and response.error is None:
+        device_index.rebind_response(response, rebind)
+        response.rebound = rebind
     return response

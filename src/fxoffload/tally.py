@@ -50,6 +50,9 @@ class Snapshot:
     vec_isa_adopted: int
     # CUDA graphs compiled by a worker that has no GPU, for this process's (virtual_gpu)
     gpu_less_compiles: int
+    # Graphs the farm compiled for the canonical CUDA device, loaded on this process's
+    # (device_index): ranks on other devices of one model share their compiles
+    device_rebinds: int
 
     @property
     def fallback_count(self) -> int:
@@ -95,6 +98,7 @@ class Stats:
             self.farm_files_installed = 0
             self.vec_isa_adopted = 0
             self.gpu_less_compiles = 0
+            self.device_rebinds = 0
 
     def add(self, **amounts: float) -> None:
         with self._lock:
@@ -149,6 +153,7 @@ class Stats:
                 farm_files_installed=self.farm_files_installed,
                 vec_isa_adopted=self.vec_isa_adopted,
                 gpu_less_compiles=self.gpu_less_compiles,
+                device_rebinds=self.device_rebinds,
             )
 
 

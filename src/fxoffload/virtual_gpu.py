@@ -204,8 +204,9 @@ def set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
 
 
 def gpu_shared_memory() -> int:
-    return int(_values(0).get("triton_max_shared_mem")
-               or _values(0).get("shared_memory_per_block_optin", 0))
+    values = _values()  # the current device's
+    return int(values.get("triton_max_shared_mem")
+               or values.get("shared_memory_per_block_optin", 0))
 
 
 class _TritonUtils:

@@ -19,9 +19,11 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from .. import signing
+from .. import device_index, signing
+from ..device_index import Rebind
 from ..errors import FarmCompileFailed, FarmUnavailable, FxOffloadError, Unauthenticated
 from ..farm.actors import GRAPHS, REQUEST, RESPONSE
+from ..protocol import rebind_of
 from ..settings import Settings
 from ..tally import STATS
 from .base import Executor
@@ -86,6 +88,7 @@ class FarmExecutor(Executor):
 
             assert self._key is not None
             key = content_key(request)
+            rebind = rebind_of(request)
             signed = signing.sign(self._key, request, purpose=REQUEST)
             ref = registry.compile.remote(key, signed, timeout)
         except FxOffloadError as e:
@@ -96,10 +99,11 @@ class FarmExecutor(Executor):
             return future
         started = time.perf_counter()
         setattr(future, "started", started)  # noqa: B010 - read by offload's stats
-        ref.future().add_done_callback(lambda f: self._finish(f, future))
+        ref.future().add_done_callback(lambda f: self._finish(f, future, rebind))
         return future
 
-    def _finish(self, ray_future: Future[Any], future: Future[bytes]) -> None:
+    def _finish(self, ray_future: Future[Any], future: Future[bytes],
+                rebind: Rebind | None) -> None:
         try:
             how, result = ray_future.result()
             if how == "refused":
@@ -108,7 +112,8 @@ class FarmExecutor(Executor):
                 reason, message = result
                 raise FarmCompileFailed(reason, message)
             assert self._key is not None
-            raw = _install_files(signing.verify(self._key, result, purpose=RESPONSE))
+            raw = _install_files(signing.verify(self._key, result, purpose=RESPONSE),
+                                 rebind)
         except FxOffloadError as e:
             future.set_exception(e)
             return
@@ -171,9 +176,10 @@ class FarmExecutor(Executor):
             self._registry = None
 
 
-def _install_files(blob: bytes) -> bytes:
+def _install_files(blob: bytes, rebind: Rebind | None = None) -> bytes:
     """The response, after the kernels compiled with it are written into this process's
-    cache dirs (``farm.bundle``), so that loading it compiles nothing."""
+    cache dirs (``farm.bundle``), so that loading it compiles nothing; with ``rebind``,
+    Triton's files go to the dir of this process's device."""
     from ..errors import ProtocolError
     from ..farm import bundle
     from ..farm.graphs import cache_dirs
@@ -181,6 +187,9 @@ def _install_files(blob: bytes) -> bytes:
     try:
         raw, files = bundle.unpack(blob)
         dirs = cache_dirs()
+        if rebind is not None:
+            files = {device_index.kernel_file(name, rebind): data
+                     for name, data in files.items()}
         if "triton" in dirs:  # the worker's Triton files sit at inductor/triton/<device>/...
             files = {_to_triton(name): data for name, data in files.items()}
         written = bundle.write_into(dirs, files)
