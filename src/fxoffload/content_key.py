@@ -25,7 +25,7 @@ a key). A field added to the preamble later is
 covered unless it is named in ``EXCLUDED``: a field wrongly covered costs a compile, one
 wrongly excluded could serve a wrong artifact.
 
-**Excluded, per process.** ``request_id``, ``created``; ``sys_path`` (where modules are
+**Excluded, per process.** ``request_id``, ``created``, ``cuda_rebind``; ``sys_path`` (where modules are
 found, not which: ``imports`` names them, and temp entries or their order vary); the cache
 dirs (``cache_dir``, ``triton_cache_dir``: where the worker writes, not what it compiles);
 the summary's ``compile_id`` (Dynamo's frame counter, for logs). Inside the body, what
@@ -42,13 +42,11 @@ program agree on them; a process with another history gets another key (a compil
 a wrong artifact). Sharing across histories would mean sending canonical counters and
 patching the parent's own back into the response (``offload.install``).
 
-**Devices.** The key includes the device string of every tensor (``cuda:1``, in the body
-and in the summary): today Inductor writes the index into the code it generates
-(``torch.cuda.set_device(1)``, ``_DeviceGuard(1)``, ``get_raw_stream(1)``), so cuda:0 and
-cuda:1 compiles are different artifacts. To let them share, a later change would pickle
-device indices as 0 (one place: the pickler's tensor reduction, next to
-``_Deterministic``), carry the real index in an excluded preamble field, and rebind the
-generated code to it in the parent; ``content_key`` itself would need no change.
+**Devices.** The key includes the device string of every tensor (in the body and in the
+summary). Inductor writes the index into the code it generates (``_DeviceGuard(1)``,
+``get_raw_stream(1)``, ...), so a farm request names a rank's single CUDA device by a
+canonical index instead (``device_index``): ranks on cuda:0..7 send the same body, and
+``cuda_rebind``, which says which device the client rebinds the code to, is excluded.
 """
 
 from __future__ import annotations
