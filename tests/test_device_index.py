@@ -108,6 +108,7 @@ def call(args):
         torch.cuda.set_device(0)
         buf0 = empty_strided_cuda((4, 8), (8, 1), torch.float32)
         buf1 = torch.ops.aten.arange.default(8, device=device(type='cuda', index=0))
+        buf2 = torch.empty(8, device=torch.device('cuda', 0))
         stream0 = get_raw_stream(0)
         triton_poi_fused_add_0.run(arg0_1, buf0, 32, stream=stream0)
     return (buf0, )
@@ -121,7 +122,8 @@ def test_rebind_code_names_the_rank_device() -> None:
     out = rebind_code(WRAPPER, Rebind(canonical=0, real=3))
     for site in ("_DeviceGuard(3)", "set_device(3)", "stream3 = get_raw_stream(3)",
                  "stream=stream3", "device(type='cuda', index=3)",
-                 "DeviceProperties(type='cuda', index=3,", "device='cuda:3'"):
+                 "DeviceProperties(type='cuda', index=3,", "device='cuda:3'",
+                 "torch.device('cuda', 3)"):
         assert site in out, site
     # the numbers that are not devices stay: sizes, strides, kernel names and counts
     assert "empty_strided_cuda((4, 8), (8, 1)" in out and "triton_poi_fused_add_0" in out

@@ -156,11 +156,13 @@ def test_farm_workers_without_a_gpu_compile_for_the_client(tmp_path: Path) -> No
             assert_same_code(*([_KERNEL_PATH.sub(r"\1", c) for c in reports[m]["code"]]
                                for m in (mode, "stock")))
             stats = reports[mode]["stats"]
-            assert stats["fallbacks"] == {}
-            assert stats["gpu_less_compiles"] == 2
-            assert stats["device_rebinds"] == (2 if mode == "rebind" else 0)
-            assert stats["farm_files_installed"] > 0
-            assert reports[mode]["compiled_here"] == []  # every kernel came from the farm
+            about = f"{mode}: {json.dumps(stats)}"
+            assert stats["fallbacks"] == {}, about
+            assert stats["compiled_in_process"] == {}, about
+            assert stats["gpu_less_compiles"] == 2, about
+            assert stats["device_rebinds"] == (2 if mode == "rebind" else 0), about
+            assert stats["farm_files_installed"] > 0, about
+            assert reports[mode]["compiled_here"] == [], about  # every kernel: the farm's
         # cuda:1's graphs are other graphs to the farm (another key): compiled, not hit
         assert reports["farm"]["stats"]["farm"].get("compiled") == 2
         assert reports["rebind"]["stats"]["farm"].get("compiled") == 2

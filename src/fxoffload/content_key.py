@@ -25,13 +25,14 @@ a key). A field added to the preamble later is
 covered unless it is named in ``EXCLUDED``: a field wrongly covered costs a compile, one
 wrongly excluded could serve a wrong artifact.
 
-**Excluded, per process.** ``request_id``, ``created``, ``cuda_rebind``; ``sys_path`` (where modules are
-found, not which: ``imports`` names them, and temp entries or their order vary); the cache
-dirs (``cache_dir``, ``triton_cache_dir``: where the worker writes, not what it compiles);
-the summary's ``compile_id`` (Dynamo's frame counter, for logs). Inside the body, what
-differed between two fresh processes compiling the same graph (ids of graphs, modules and
-SymNodes, function reprs with addresses, logger creation order) is written in a stable
-form by the pickler itself (``pickling._Deterministic``), so the body is hashed as is.
+**Excluded, per process.** ``request_id``, ``created``, ``cuda_rebind``; ``sys_path``
+(where modules are found, not which: ``imports`` names them, and temp entries or their
+order vary); the cache dirs (``cache_dir``, ``triton_cache_dir``: where the worker
+writes, not what it compiles); the summary's ``compile_id`` (Dynamo's frame counter, for
+logs). Inside the body, what differed between two fresh processes compiling the same
+graph (ids of graphs, modules and SymNodes, function reprs with addresses, logger
+creation order) is written in a stable form by the pickler itself
+(``pickling._Deterministic``), so the body is hashed as is.
 
 **Not shared, by design or for now.** Stack traces and source locations carry file paths
 and line numbers: the same script at another path gives another key (Inductor's FX graph

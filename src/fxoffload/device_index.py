@@ -128,11 +128,12 @@ _SITES = (
     r"(?<=type='cuda', index=)({i})\b",
     r"(?<=type=\"cuda\", index=)({i})\b",
     r"(?<=['\"]cuda:)({i})(?=['\"])",
+    r"(?<=['\"]cuda['\"], )({i})(?=\))",
 )
 # What would name the canonical device in a form the sites above do not know: refused.
 _LEFTOVER = (r"cuda:{i}\b", r"index={i}\b", r"_DeviceGuard\({i}\)", r"set_device\({i}\)",
              r"get_raw_stream\({i}\)", r"\bstream{i}\b", r"device\({i}\)",
-             r"['\"]device['\"]: {i}\b")
+             r"['\"]device['\"]: {i}\b", r"['\"]cuda['\"], {i}\b")
 
 
 def rebind_code(source: str, rebind: Rebind) -> str:
