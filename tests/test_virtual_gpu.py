@@ -156,8 +156,11 @@ def test_farm_workers_without_a_gpu_compile_for_the_client(tmp_path: Path) -> No
                 torch.testing.assert_close(a, b)
             # up to the "# kernel path:" comments, which name the compiling process's
             # cache dir
-            assert_same_code(*([_KERNEL_PATH.sub(r"\1", c) for c in reports[m]["code"]]
-                               for m in (mode, "stock")))
+            try:
+                assert_same_code(*([_KERNEL_PATH.sub(r"\1", c) for c in reports[m]["code"]]
+                                   for m in (mode, "stock")))
+            except AssertionError as e:
+                raise AssertionError(f"{mode}: {e}") from None
             stats = reports[mode]["stats"]
             about = f"{mode}: {json.dumps(stats)}"
             assert stats["fallbacks"] == {}, about
