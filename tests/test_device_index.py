@@ -41,13 +41,17 @@ def two_devices(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def request(fn: Any, index: int, mode: str = "farm") -> bytes:
+    from torch._inductor.cudagraph_utils import BoxedDeviceIndex
+
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     with fake_mode:
         x = torch.randn(4, 8, device=f"cuda:{index}")
         w = torch.randn(8, 8, device=f"cuda:{index}")
     gm = make_fx(fn, tracing_mode="fake")(x, w)
     settings = Settings(mode=mode, farm="127.0.0.1:1") if mode == "farm" else Settings(mode=mode)
-    return offload.build_request(settings, gm, [x, w], [], {}, None, fake_mode)
+    # a backward's box: the device its forward ran on (cudagraphs)
+    graph_kwargs = {"boxed_forward_device_index": BoxedDeviceIndex(index)}
+    return offload.build_request(settings, gm, [x, w], [], graph_kwargs, None, fake_mode)
 
 
 @pytest.fixture
@@ -67,6 +71,7 @@ def test_ranks_on_two_devices_send_the_same_request(two_gpus: None) -> None:
     decoded = protocol.decode_request_body(body1, FakeTensorMode(shape_env=ShapeEnv()))
     assert {t.device for t in decoded.example_inputs} == {torch.device("cuda:0")}
     assert "index=1" not in decoded.gm.code
+    assert decoded.graph_kwargs["boxed_forward_device_index"].value == 0
 
 
 def test_what_keeps_its_index(two_gpus: None) -> None:
