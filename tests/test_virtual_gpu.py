@@ -58,6 +58,13 @@ def test_stand_ins_answer_from_the_description_and_are_undone() -> None:
         assert any(p.startswith("virtual_gpu: ") for p in patches.installed())
     assert (torch.cuda.is_available, torch.cuda.get_device_properties) == originals
     assert torch.cuda.is_available() == available
+    # a client on cuda:1 describes only it: cuda:0, which Inductor asks in a few places,
+    # answers as it; an index past the described ones is refused
+    with virtual_gpu.installed({"1": H100}):
+        assert torch.cuda.current_device() == 1 and torch.cuda.device_count() == 2
+        assert torch.cuda.get_device_properties(0).multi_processor_count == 132
+        with pytest.raises(RuntimeError, match="cuda:2 was asked for"):
+            torch.cuda.get_device_properties(2)
     assert not any(p.startswith("virtual_gpu: ") for p in patches.installed())
     from torch._dynamo.device_interface import caching_worker_device_properties
 

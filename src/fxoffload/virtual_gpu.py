@@ -136,6 +136,11 @@ def _index(device: Any = None) -> int:
 def _values(device: Any = None) -> dict[str, Any]:
     gpus = _described()
     index = _index(device)
+    if index not in gpus and 0 <= index < max(gpus):
+        # Inductor asks cuda:0 in a few places whatever the graph's device (the GPU's
+        # shared memory, comm_analysis): a lower index the client did not describe is
+        # another GPU of the client's machine, taken to be of the current one's model
+        index = _current_index
     if index not in gpus:
         raise RuntimeError(f"fxoffload: the client described {sorted(gpus)} as its CUDA "
                            f"devices; cuda:{index} was asked for")
