@@ -40,7 +40,7 @@ def two_devices(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x @ w).to("cuda:0") + 1
 
 
-def request(fn: Any, index: int, mode: str = "farm") -> bytes:
+def request(fn: Any, index: int, mode: str = "farm", *, share_devices: bool = True) -> bytes:
     from torch._inductor.cudagraph_utils import BoxedDeviceIndex
 
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
@@ -51,7 +51,8 @@ def request(fn: Any, index: int, mode: str = "farm") -> bytes:
     settings = Settings(mode=mode, farm="127.0.0.1:1") if mode == "farm" else Settings(mode=mode)
     # a backward's box: the device its forward ran on (cudagraphs)
     graph_kwargs = {"boxed_forward_device_index": BoxedDeviceIndex(index)}
-    return offload.build_request(settings, gm, [x, w], [], graph_kwargs, None, fake_mode)
+    return offload.build_request(settings, gm, [x, w], [], graph_kwargs, None, fake_mode,
+                                 share_devices=share_devices)
 
 
 @pytest.fixture
@@ -79,6 +80,9 @@ def test_what_keeps_its_index(two_gpus: None) -> None:
     sub0, sub1 = request(step, 0, "subprocess"), request(step, 1, "subprocess")
     assert content_key(sub0) != content_key(sub1)
     assert protocol.split_request(sub1)[0].cuda_rebind is None
+    # a farm request to be compiled here (a background stage's fallback): its own device
+    local = protocol.split_request(request(step, 1, share_devices=False))[0]
+    assert local.cuda_rebind is None and local.summary["devices"] == ["cuda:1"]
     # a graph on two devices names both, as they are
     both = protocol.split_request(request(two_devices, 1))[0]
     assert both.cuda_rebind is None and both.summary["devices"] == ["cuda:1"]

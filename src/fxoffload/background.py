@@ -83,10 +83,15 @@ def pin_output_strides(gm: torch.fx.GraphModule) -> None:
 
 
 class _Stage:
-    def __init__(self, index: int, overrides: dict[str, Any], request: bytes) -> None:
+    def __init__(self, index: int, overrides: dict[str, Any], request: bytes,
+                 local_request: bytes | None = None) -> None:
         self.index = index
         self.overrides = overrides
         self.request = request
+        # The same compile written for this process's device, where ``request`` names the
+        # canonical one (device_index): compiled here, the canonical request would make a
+        # context on cuda:0, the GPU of another rank.
+        self.local_request = local_request
         self.submitted = time.perf_counter()
         self.response: protocol.CompileResponse | None = None
         self.job: progress.Job | None = None  # its line in the progress display
@@ -377,10 +382,10 @@ class BackgroundOutput(OutputCode):
         # tracing context and config it needs exist only in the request).
         here = dataclasses.replace(self._settings, mode="serde")
         try:
+            request = stage.local_request or stage.request
             with isolation.turn:
-                raw = offload.submit(here, stage.request).result()
-            stage.response = protocol.decode_response(raw, self._fake_mode,
-                                                      request=stage.request)
+                raw = offload.submit(here, request).result()
+            stage.response = protocol.decode_response(raw, self._fake_mode, request=request)
         except FxOffloadError as e:
             offload.note_failure(getattr(e, "reason", "fallback_failed"), e,
                                  "the in-process compile failed too; running eagerly")
@@ -411,7 +416,11 @@ def compile_in_background(settings: Settings, fake_mode: Any, gm: torch.fx.Graph
         for index, overrides in enumerate(settings.config_stages):
             with config.patch(overrides):
                 request = offload.build_request(settings, *args, fake_mode)
-            stages.append(_Stage(index, overrides, request))
+                local = None
+                if protocol.rebind_of(request) is not None:
+                    local = offload.build_request(settings, *args, fake_mode,
+                                                  share_devices=False)
+            stages.append(_Stage(index, overrides, request, local))
     except NotOffloadable as e:
         return offload.handle_failure(settings, e.reason, e, args)
     STATS.add(serialize_s=time.perf_counter() - t0)

@@ -143,9 +143,10 @@ def fall_back(reason: str, error: BaseException, *args: Any) -> Any:
 def build_request(settings: Settings, gm: torch.fx.GraphModule,
                   example_inputs: Sequence[Any], inputs_to_check: Sequence[int],
                   graph_kwargs: dict[str, Any], compile_region_name: str | None,
-                  fake_mode: Any) -> bytes:
+                  fake_mode: Any, *, share_devices: bool = True) -> bytes:
     """The request bytes for this compile, under the parent's current state and config;
-    ``NotOffloadable`` when it cannot cross."""
+    ``NotOffloadable`` when it cannot cross. ``share_devices=False``: never written for
+    the canonical CUDA device (``device_index``), as a request compiled here must not be."""
     check_offloadable(gm)
     request = protocol.CompileRequest(
         gm=gm, example_inputs=list(example_inputs), inputs_to_check=list(inputs_to_check),
@@ -154,7 +155,8 @@ def build_request(settings: Settings, gm: torch.fx.GraphModule,
         compile_region_name=compile_region_name,
         state=capture_state(fake_mode, gpu=uses_gpu(example_inputs)),
     )
-    rebind = device_index.plan(settings.executor, gm, example_inputs, graph_kwargs)
+    rebind = (device_index.plan(settings.executor, gm, example_inputs, graph_kwargs)
+              if share_devices else None)
     return protocol.encode_request(request, extra_imports=settings.worker_imports,
                                    rebind=rebind)
 
