@@ -120,6 +120,9 @@ def call(args):
         buf2 = torch.empty(8, device=torch.device('cuda', 0))
         stream0 = get_raw_stream(0)
         triton_poi_fused_add_0.run(arg0_1, buf0, 32, stream=stream0)
+        raw_stream0 = get_raw_stream(0)  # torch 2.13's name
+        triton_poi_fused_add_0.run(arg0_1, buf0, 32, stream=raw_stream0)
+        seed = torch.cuda.default_generators[0].graphsafe_get_state()
     return (buf0, )
 
 def benchmark_compiled_module(times=10, repeat=10):
@@ -130,7 +133,8 @@ def benchmark_compiled_module(times=10, repeat=10):
 def test_rebind_code_names_the_rank_device() -> None:
     out = rebind_code(WRAPPER, Rebind(canonical=0, real=3))
     for site in ("_DeviceGuard(3)", "set_device(3)", "stream3 = get_raw_stream(3)",
-                 "stream=stream3", "device(type='cuda', index=3)",
+                 "stream=stream3", "raw_stream3 = get_raw_stream(3)", "stream=raw_stream3",
+                 "default_generators[3]", "device(type='cuda', index=3)",
                  "DeviceProperties(type='cuda', index=3,", "device='cuda:3'",
                  "torch.device('cuda', 3)"):
         assert site in out, site

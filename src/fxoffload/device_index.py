@@ -124,7 +124,9 @@ _SITES = (
     r"(?<=_DeviceGuard\()({i})(?=\))",
     r"(?<=set_device\()({i})(?=\))",
     r"(?<=get_raw_stream\()({i})(?=\))",
-    r"(?<=\bstream)({i})\b",
+    r"(?<=\bstream)({i})\b",  # the stream's variable (torch 2.11)
+    r"(?<=\braw_stream)({i})\b",  # (torch 2.13)
+    r"(?<=default_generators\[)({i})(?=\])",
     r"(?<=type='cuda', index=)({i})\b",
     r"(?<=type=\"cuda\", index=)({i})\b",
     r"(?<=['\"]cuda:)({i})(?=['\"])",
@@ -132,7 +134,8 @@ _SITES = (
 )
 # What would name the canonical device in a form the sites above do not know: refused.
 _LEFTOVER = (r"cuda:{i}\b", r"index={i}\b", r"_DeviceGuard\({i}\)", r"set_device\({i}\)",
-             r"get_raw_stream\({i}\)", r"\bstream{i}\b", r"device\({i}\)",
+             r"get_raw_stream\({i}\)", r"\b(raw_)?stream{i}\b", r"device\({i}\)",
+             r"default_generators\[{i}\]",
              r"['\"]device['\"]: {i}\b", r"['\"]cuda['\"], {i}\b")
 
 
