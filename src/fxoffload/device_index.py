@@ -70,6 +70,9 @@ def plan(executor: str, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
         return None
     if config.cpp_wrapper or getattr(config, "wrap_inductor_compiled_regions", False):
         return None
+    if not any(isinstance(t, torch.Tensor) and t.device.type == "cuda"
+               for t in example_inputs):
+        return None  # a CPU graph (sent as it is: no scan of its nodes)
     devices = _devices(gm, example_inputs)
     if ("cuda", None) in devices and torch.cuda.is_available():
         # 'cuda' without an index is the current device, at trace time and at run time
@@ -85,34 +88,36 @@ def plan(executor: str, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
 
 def _devices(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> set[tuple[str, Any]]:
     """The (type, index) of every non-CPU device the graph's inputs, values and
-    arguments name."""
+    arguments name (arguments one list deep: where aten and custom ops take devices)."""
     found: set[tuple[str, Any]] = set()
+    kinds = (torch.Tensor, torch.device, str)
 
     def note(value: Any) -> None:
         if isinstance(value, torch.Tensor):
             value = value.device
-        if isinstance(value, str) and value.startswith(("cuda", "xpu", "hip", "mps")):
+        elif isinstance(value, str):
+            if not value.startswith(("cuda", "xpu", "hip", "mps")):
+                return
             try:  # a device named by a string, as a custom op may take one
                 value = torch.device(value)
             except RuntimeError:
                 return
         if isinstance(value, torch.device) and value.type not in ("cpu", "meta"):
             found.add((value.type, value.index))
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                note(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                note(item)
 
     for t in example_inputs:
         note(t)
     for module in gm.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            for node in module.graph.nodes:
-                note(node.meta.get("val"))
-                note(node.args)
-                note(node.kwargs)
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            for value in (node.meta.get("val"), *node.args, *node.kwargs.values()):
+                if isinstance(value, kinds):
+                    note(value)
+                elif isinstance(value, (list, tuple)):
+                    for item in value:
+                        if isinstance(item, kinds):
+                            note(item)
     return found
 
 
