@@ -20,8 +20,9 @@ and the rank rebinds the result to its own device when it arrives:
       kernels' device; the kernel files go to
       Triton's dir for cuda:3 (executors.farm)
 
-The rebound code is the code stock Inductor generates on cuda:3 (a test compiles for
-cuda:1 and rebinds to cuda:0 on one GPU, against stock). Only the farm plans a rebind,
+The rebound code is meant to be the code stock Inductor generates on cuda:3: the GPU
+test compiles for cuda:1 and rebinds to cuda:0 on one GPU against stock's (tests/
+test_virtual_gpu.py; not yet passed on a GPU, see README). Only the farm plans a rebind,
 for a graph whose tensors are on one CUDA device and the CPU, with Inductor's Python
 wrapper (not ``cpp_wrapper``, AOT mode or ``wrap_inductor_compiled_regions``, whose
 artifacts hold the index elsewhere). A response whose code still names the canonical
