@@ -124,3 +124,27 @@ def test_warmup_after_the_backend_stops_the_probes(tmp_path: Path) -> None:
     if out.startswith("fewer"):
         pytest.skip(out)
     assert out == "ok"
+
+
+_NO_IMPORTS = textwrap.dedent("""
+    import sys
+    import fxoffload
+    from fxoffload import prepare
+
+    fxoffload.backend()  # subprocess: the probes start in a thread
+    if prepare._isa_probe is None:
+        raise SystemExit(print("no probe started"))
+    before = set(sys.modules)
+    prepare._isa_probe.join(300)
+    print("imported in the thread:", sorted(set(sys.modules) - before))
+""")
+
+
+def test_the_probe_thread_imports_nothing(tmp_path: Path) -> None:
+    # An import on a thread of ours while Dynamo imports on the caller's can make the
+    # caller's fail (setuptools' distutils hack edits sys.meta_path): _compat's
+    # import_before_threads. Before it, the probes imported setuptools here (93 modules).
+    out = _run(_NO_IMPORTS, tmp_path).strip()
+    if out.startswith("no probe"):
+        pytest.skip(out)
+    assert out == "imported in the thread: []", out

@@ -345,6 +345,17 @@ def vec_isa_names() -> tuple[str, ...]:
     return tuple(str(isa) for isa in valid_vec_isa_list())
 
 
+def import_before_threads() -> None:
+    """Import on the caller's thread what a compile on a thread of ours would import first:
+    ``torch.utils.cpp_extension`` (C++ builds) imports setuptools, whose distutils hack
+    inserts a finder into ``sys.meta_path`` and removes it again. An import that the
+    caller's thread runs meanwhile (Dynamo imports lazily while it traces) walks that
+    list and can skip the path finder: ``ModuleNotFoundError: No module named
+    'torch.distributed.tensor.experimental'``, seen once in five demo runs with the ISA
+    probes ahead."""
+    import torch.utils.cpp_extension  # noqa: F401
+
+
 def vec_isa_to_probe() -> list[Any]:
     """The vector ISAs that ``valid_vec_isa_list()`` would build a probe for, when this
     process has not probed them yet: on x86, those the CPU's flags report (elsewhere
@@ -355,6 +366,8 @@ def vec_isa_to_probe() -> list[Any]:
     # codecache, cpp_builder and _filelock: imported by the probes (check_build)
     from torch._inductor import codecache, config, cpp_builder, cpu_vec_isa  # noqa: F401
     from torch.utils import _filelock  # noqa: F401
+
+    import_before_threads()
 
     if (cpu_vec_isa.valid_vec_isa_list.cache_info().currsize or config.is_fbcode()
             or config.cpp.vec_isa_ok is not None

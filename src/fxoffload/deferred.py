@@ -147,6 +147,7 @@ class Deferred:
         # Config patches are context variables on torch 2.13: the thread starts in a
         # copy of the caller's context, so it compiles under the config Dynamo saw.
         context = contextvars.copy_context()
+        _compat.import_before_threads()
         thread = threading.Thread(target=context.run,
                                   args=(self._run, compile, list(example_inputs)),
                                   daemon=True, name="fxoffload-front")

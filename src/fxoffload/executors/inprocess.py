@@ -57,6 +57,9 @@ class InProcessExecutor(Executor):
                 future.set_exception(PoolClosed("the fxoffload executor was shut down"))
                 return future
             if self._jobs is None:
+                from .._compat import import_before_threads
+
+                import_before_threads()
                 self._jobs = queue.SimpleQueue()
                 self._thread = threading.Thread(target=self._serve, args=(self._jobs,),
                                                 daemon=True, name="fxoffload-serde")
