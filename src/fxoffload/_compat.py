@@ -351,7 +351,7 @@ def import_before_threads() -> None:
     inserts a finder into ``sys.meta_path`` and removes it again. An import that the
     caller's thread runs meanwhile (Dynamo imports lazily while it traces) walks that
     list and can skip the path finder: ``ModuleNotFoundError: No module named
-    'torch.distributed.tensor.experimental'``, seen once in five demo runs with the ISA
+    'torch.distributed.tensor.experimental'``, seen in one of four demo runs with the ISA
     probes ahead."""
     import torch.utils.cpp_extension  # noqa: F401
 
