@@ -123,6 +123,14 @@ def normalize_code(code: str) -> str:
     return _COUNTERS.sub("# AOT ID: ['N_", code)
 
 
+# A client's description of an H100 (virtual_gpu.describe's fields that Inductor reads):
+# a process with no GPU compiles for it (test_virtual_gpu, test_device_index).
+H100 = {"name": "NVIDIA H100 80GB HBM3", "major": 9, "minor": 0,
+        "multi_processor_count": 132, "total_memory": 85_028_765_696,
+        "regs_per_multiprocessor": 65536, "max_threads_per_multi_processor": 2048,
+        "warp_size": 32, "triton_max_shared_mem": 232448}
+
+
 def assert_same_code(ours: list[str], stock: list[str]) -> None:
     """Equal up to per-process counters; on failure, show the first differing lines."""
     import difflib

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import H100
 from torch._subclasses import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -23,11 +24,6 @@ from fxoffload.content_key import content_key
 from fxoffload.device_index import Rebind, kernel_file, rebind_code
 from fxoffload.errors import ProtocolError
 from fxoffload.settings import Settings
-
-H100 = {"name": "NVIDIA H100 80GB HBM3", "major": 9, "minor": 0,
-        "multi_processor_count": 132, "total_memory": 85_028_765_696,
-        "regs_per_multiprocessor": 65536, "max_threads_per_multi_processor": 2048,
-        "warp_size": 32, "triton_max_shared_mem": 232448}
 
 
 def step(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -20,15 +20,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same_code
+from conftest import H100, assert_same_code
 
 from fxoffload import device_index, patches, protocol, virtual_gpu
 from fxoffload.content_key import content_key
-
-H100 = {"name": "NVIDIA H100 80GB HBM3", "major": 9, "minor": 0,
-        "multi_processor_count": 132, "total_memory": 85_028_765_696,
-        "regs_per_multiprocessor": 65536, "max_threads_per_multi_processor": 2048,
-        "warp_size": 32, "triton_max_shared_mem": 232448}
 
 
 def test_stand_ins_answer_from_the_description_and_are_undone() -> None:

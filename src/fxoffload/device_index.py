@@ -122,6 +122,13 @@ def _devices(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> set[tup
     return found
 
 
+def canonical_fx_code(code: str, rebind: Rebind) -> str:
+    """A graph module's FX code as the same graph on the canonical device prints it
+    (``torch.device``'s repr in its arguments), for the request's body (lean_pickler)."""
+    return re.sub(rf"(?<=device\(type='cuda', index=){rebind.real}(?=\))",
+                  str(rebind.canonical), code)
+
+
 # --- the response, rebound to this rank's device ----------------------------------------
 # Where Inductor's Python wrapper and Triton kernels name a device index (torch 2.11-2.13):
 # device guards and set_device, the raw stream and its variable, device literals in

@@ -22,7 +22,6 @@ The unpickling side is GraphPickler's (``GraphPickler.loads``).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from torch.fx._graph_pickler import (
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.node import map_aggregate, map_arg
 
-from .device_index import Rebind
+from .device_index import Rebind, canonical_fx_code
 
 
 class _Ref(int):
@@ -96,10 +95,7 @@ class _LeanGraphModule(_GraphModulePickleData):
         self.gm_dict = gm.__getstate__() if hasattr(gm, "__getstate__") else gm.__dict__.copy()
         del self.gm_dict["_graph"]
         if rebind is not None and isinstance(self.gm_dict.get("_code"), str):
-            # the code as the canonical device's graph prints it (device_index)
-            self.gm_dict["_code"] = re.sub(
-                rf"(?<=device\(type='cuda', index=){rebind.real}(?=\))",
-                str(rebind.canonical), self.gm_dict["_code"])
+            self.gm_dict["_code"] = canonical_fx_code(self.gm_dict["_code"], rebind)
         self.graph = _LeanGraph(gm._graph, options)  # type: ignore[assignment]
 
 

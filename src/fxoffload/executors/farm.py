@@ -187,11 +187,11 @@ def _install_files(blob: bytes, rebind: Rebind | None = None) -> bytes:
     try:
         raw, files = bundle.unpack(blob)
         dirs = cache_dirs()
-        if rebind is not None:
-            files = {device_index.kernel_file(name, rebind): data
-                     for name, data in files.items()}
         if "triton" in dirs:  # the worker's Triton files sit at inductor/triton/<device>/...
             files = {_to_triton(name): data for name, data in files.items()}
+        elif rebind is not None:  # ... and go to this process's device's dir
+            files = {device_index.kernel_file(name, rebind): data
+                     for name, data in files.items()}
         written = bundle.write_into(dirs, files)
     except (ValueError, OSError) as e:
         raise ProtocolError(f"the farm's kernel bundle could not be installed: {e}",
