@@ -36,7 +36,7 @@ def two_devices(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x @ w).to("cuda:0") + 1
 
 
-def request(fn: Any, index: int, mode: str = "farm", *, share_devices: bool = True) -> bytes:
+def request(fn: Any, index: int, mode: str = "farm", *, local: bool = False) -> bytes:
     from torch._inductor.cudagraph_utils import BoxedDeviceIndex
 
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
@@ -47,8 +47,15 @@ def request(fn: Any, index: int, mode: str = "farm", *, share_devices: bool = Tr
     settings = Settings(mode=mode, farm="127.0.0.1:1") if mode == "farm" else Settings(mode=mode)
     # a backward's box: the device its forward ran on (cudagraphs)
     graph_kwargs = {"boxed_forward_device_index": BoxedDeviceIndex(index)}
-    return offload.build_request(settings, gm, [x, w], [], graph_kwargs, None, fake_mode,
-                                 share_devices=share_devices)
+    args = (settings, gm, [x, w], [], graph_kwargs, None, fake_mode)
+    if not local:
+        return offload.build_request(*args)
+    shared, own = offload.build_requests(*args)
+    # the shared one, as build_request writes it (request ids aside)
+    assert protocol.split_request(shared)[1] == protocol.split_request(
+        offload.build_request(*args))[1]
+    assert own is not None
+    return own
 
 
 @pytest.fixture
@@ -77,7 +84,7 @@ def test_what_keeps_its_index(two_gpus: None) -> None:
     assert content_key(sub0) != content_key(sub1)
     assert protocol.split_request(sub1)[0].cuda_rebind is None
     # a farm request to be compiled here (a background stage's fallback): its own device
-    local = protocol.split_request(request(step, 1, share_devices=False))[0]
+    local = protocol.split_request(request(step, 1, local=True))[0]
     assert local.cuda_rebind is None and local.summary["devices"] == ["cuda:1"]
     # a graph on two devices names both, as they are
     both = protocol.split_request(request(two_devices, 1))[0]

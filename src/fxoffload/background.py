@@ -415,11 +415,7 @@ def compile_in_background(settings: Settings, fake_mode: Any, gm: torch.fx.Graph
     try:
         for index, overrides in enumerate(settings.config_stages):
             with config.patch(overrides):
-                request = offload.build_request(settings, *args, fake_mode)
-                local = None
-                if protocol.rebind_of(request) is not None:
-                    local = offload.build_request(settings, *args, fake_mode,
-                                                  share_devices=False)
+                request, local = offload.build_requests(settings, *args, fake_mode)
             stages.append(_Stage(index, overrides, request, local))
     except NotOffloadable as e:
         return offload.handle_failure(settings, e.reason, e, args)

@@ -143,22 +143,45 @@ def fall_back(reason: str, error: BaseException, *args: Any) -> Any:
 def build_request(settings: Settings, gm: torch.fx.GraphModule,
                   example_inputs: Sequence[Any], inputs_to_check: Sequence[int],
                   graph_kwargs: dict[str, Any], compile_region_name: str | None,
-                  fake_mode: Any, *, share_devices: bool = True) -> bytes:
+                  fake_mode: Any) -> bytes:
     """The request bytes for this compile, under the parent's current state and config;
-    ``NotOffloadable`` when it cannot cross. ``share_devices=False``: never written for
-    the canonical CUDA device (``device_index``), as a request compiled here must not be."""
+    ``NotOffloadable`` when it cannot cross."""
+    request = _new_request(gm, example_inputs, inputs_to_check, graph_kwargs,
+                           compile_region_name, fake_mode)
+    return protocol.encode_request(
+        request, extra_imports=settings.worker_imports,
+        rebind=device_index.plan(settings.executor, gm, example_inputs, graph_kwargs))
+
+
+def build_requests(settings: Settings, gm: torch.fx.GraphModule,
+                   example_inputs: Sequence[Any], inputs_to_check: Sequence[int],
+                   graph_kwargs: dict[str, Any], compile_region_name: str | None,
+                   fake_mode: Any) -> tuple[bytes, bytes | None]:
+    """``build_request``'s bytes and, where they are written for the canonical CUDA device
+    (``device_index``), the same compile written for this process's own: the one to
+    compile here, where the canonical request would make a context on another rank's
+    GPU. One request, state captured once, encoded once or twice."""
+    request = _new_request(gm, example_inputs, inputs_to_check, graph_kwargs,
+                           compile_region_name, fake_mode)
+    rebind = device_index.plan(settings.executor, gm, example_inputs, graph_kwargs)
+    shared = protocol.encode_request(request, extra_imports=settings.worker_imports,
+                                     rebind=rebind)
+    if rebind is None:
+        return shared, None
+    return shared, protocol.encode_request(request, extra_imports=settings.worker_imports)
+
+
+def _new_request(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                 inputs_to_check: Sequence[int], graph_kwargs: dict[str, Any],
+                 compile_region_name: str | None, fake_mode: Any) -> protocol.CompileRequest:
     check_offloadable(gm)
-    request = protocol.CompileRequest(
+    return protocol.CompileRequest(
         gm=gm, example_inputs=list(example_inputs), inputs_to_check=list(inputs_to_check),
         graph_kwargs=dict(graph_kwargs),
         tracing_context=torch._guards.TracingContext.try_get(),
         compile_region_name=compile_region_name,
         state=capture_state(fake_mode, gpu=uses_gpu(example_inputs)),
     )
-    rebind = (device_index.plan(settings.executor, gm, example_inputs, graph_kwargs)
-              if share_devices else None)
-    return protocol.encode_request(request, extra_imports=settings.worker_imports,
-                                   rebind=rebind)
 
 
 def check_response(response: protocol.CompileResponse) -> None:
